@@ -1,0 +1,176 @@
+"""From checkpoints to the analysis document (``rankscope/analysis-v1``) and its summaries.
+
+The document is what every other part reads (plots, reports, compare, recommend, the JSON
+users get): one entry per snapshot, one per module, importances in the checkpoint's rank order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import importance as imp
+from .formats import LoraModule
+from .loading import Checkpoint, Series, SnapshotRef, discover
+
+SCHEMA = "rankscope/analysis-v1"
+TOP_FRACTION = 0.1
+
+
+def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
+    """Importance, deciles and spread of one module, as a JSON-ready dict."""
+    entry: dict[str, Any] = {
+        "name": module.name,
+        "rank": module.rank,
+        "scale": module.scale,
+        "layer": module.layer,
+        "kind": module.kind,
+        "shape": [module.out_features, module.in_features],
+        "layer_type": module.layer_type,
+        "dtype": module.stored_dtype,
+    }
+    A, B = module.A, module.B
+    values = imp.rank_importance(A, B, module.scale, module.coefficients)
+    if not np.isfinite(values).all():
+        bad = [what for what, x in (("A", A), ("B", B)) if not np.isfinite(x).all()]
+        where = " and ".join(bad) if bad else "its scale or coefficients"
+        entry.update(importance=None, deciles=None,
+                     error=f"{where} of {module.name} hold NaN or Inf: no importance can be computed for this module")
+        return entry
+    entry["importance"] = values.tolist()
+    entry["deciles"] = imp.deciles(values).tolist()
+    entry["top10_share"] = imp.top_share(values, TOP_FRACTION)
+    entry["effective_rank"] = imp.effective_rank(values)
+    entry["gini"] = imp.gini(values)
+    if spectrum:
+        entry["spectrum"] = imp.update_spectrum(A, B, module.scale, module.coefficients).tolist()
+    if module.scores is not None:
+        entry["scores"] = module.scores.tolist()
+    if module.E is not None:
+        entry["adalora_E"] = module.E.tolist()
+    return entry
+
+
+def _band(values: Iterable[float]) -> dict[str, float]:
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), "min": float("nan"), "max": float("nan")}
+    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75])
+    return {"median": float(median), "q25": float(q25), "q75": float(q75), "min": float(x.min()), "max": float(x.max())}
+
+
+def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spread over modules: counts, ranks, scales, shares, effective ranks, decile bands (all, by layer, by kind)."""
+    good = [m for m in modules if m.get("importance") is not None]
+    ranks = sorted({m["rank"] for m in modules})
+    scales = sorted({round(m["scale"], 12) for m in modules})
+    uniform_top = [min(1.0, max(1, np.ceil(TOP_FRACTION * m["rank"] - 1e-9)) / m["rank"]) for m in good]
+
+    def group(key: str) -> dict[str, Any]:
+        groups: dict[str, list] = defaultdict(list)
+        for m in good:
+            groups[m[key]].append(m)
+        return {
+            label: {
+                "modules": len(ms),
+                "deciles": imp.decile_band(np.array([m["deciles"] for m in ms])),
+                "top10_share": _band(m["top10_share"] for m in ms)["median"],
+                "effective_rank_ratio": _band(m["effective_rank"] / m["rank"] for m in ms)["median"],
+            }
+            for label, ms in groups.items()
+        }
+
+    return {
+        "modules": len(modules),
+        "ranks": ranks,
+        "scales": scales if len(scales) <= 8 else [scales[0], scales[-1]],
+        "total_ranks": int(sum(m["rank"] for m in modules)),
+        "top10_share": _band(m["top10_share"] for m in good),
+        "top10_share_uniform": float(np.median(uniform_top)) if uniform_top else float("nan"),
+        "effective_rank_ratio": _band(m["effective_rank"] / m["rank"] for m in good),
+        "gini": _band(m["gini"] for m in good),
+        "deciles": imp.decile_band(np.array([m["deciles"] for m in good])),
+        "by_layer": group("layer"),
+        "by_kind": group("kind"),
+        "errors": [m["error"] for m in modules if "error" in m],
+    }
+
+
+def analyze_checkpoint(checkpoint: Checkpoint, spectrum: bool = True) -> dict[str, Any]:
+    """One element of the document's ``snapshots`` list."""
+    modules = [analyze_module(m, spectrum) for m in checkpoint.modules]
+    return {
+        "step": checkpoint.step,
+        "path": str(checkpoint.path),
+        "format": checkpoint.format,
+        "modules": modules,
+        "skipped": len(checkpoint.skipped),
+        "skipped_names": checkpoint.skipped[:20],
+        "notes": checkpoint.notes,
+        "summary": summarize(modules),
+    }
+
+
+def _progress(total: int, enabled: bool | None, description: str):
+    from tqdm import tqdm
+
+    if enabled is None:
+        enabled = total > 1 and sys.stderr.isatty()
+    return tqdm(total=total, desc=description, unit="snapshot", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool = True,
+            progress: bool | None = None) -> dict[str, Any]:
+    """Analyse a checkpoint or every snapshot of a run, one snapshot in memory at a time.
+
+    Returns the ``rankscope/analysis-v1`` document (see the README for its fields).
+    """
+    found = discover(path, format)
+    refs = found.snapshots if isinstance(found, Series) else [found]
+    snapshots = []
+    with _progress(len(refs), progress, "analysing snapshots") as bar:
+        for ref in refs:
+            snapshots.append(analyze_checkpoint(ref.load(), spectrum))
+            bar.update(1)
+    document: dict[str, Any] = {
+        "schema": SCHEMA,
+        "path": str(path),
+        "format": snapshots[0]["format"] if snapshots else None,
+        "layout": found.layout if isinstance(found, Series) else "single",
+        "snapshots": snapshots,
+    }
+    if isinstance(found, Series):
+        document["final"] = str(found.final.weights) if found.final else None
+        document["events"] = found.events()
+    return document
+
+
+def load_document(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an analysis document written by ``rankscope analyze --json``."""
+    import json
+
+    from .errors import RankscopeError
+
+    try:
+        with open(path) as f:
+            document = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RankscopeError(f"{path} could not be read as an analysis JSON ({e})") from None
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+        raise RankscopeError(f"{path} is not a rankscope analysis: expected \"schema\": \"{SCHEMA}\"")
+    return document
+
+
+def analyze_or_read(path: str | os.PathLike, format: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """An analysis document from a checkpoint path, or from a JSON file ``rankscope analyze`` wrote."""
+    if str(path).endswith(".json") and os.path.isfile(path):
+        return load_document(path)
+    return analyze(path, format=format, progress=progress)
+
+
+__all__ = ["SCHEMA", "analyze", "analyze_checkpoint", "analyze_module", "summarize", "load_document",
+           "analyze_or_read", "SnapshotRef"]
