@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -186,11 +187,15 @@ class PickleFile(TensorFile):
         import torch  # only pickles need torch
 
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
         except pickle.UnpicklingError as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+            # torch's message is long; the line naming the refused global is the one that matters.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
             raise RankscopeError(
-                f"{path} is a pickle that asks for more than plain tensors ({first_line[:160]}); "
+                f"{path} is a pickle that asks for more than plain tensors ({culprit[:160]}); "
                 "refusing to load it: only weights_only pickles of tensors are read, and no code inside them is run"
             ) from None
         except Exception as e:  # torch raises RuntimeError / EOFError / zipfile errors on bad files
