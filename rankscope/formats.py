@@ -111,20 +111,15 @@ class ParsedCheckpoint:
 
 
 def _match_keys(keys: list[str], pattern: re.Pattern) -> dict[str, dict[str, str]]:
-    """Group keys by module: {module name: {role: key}}; adapters other than the first get own names."""
+    """Group keys by module: {module name: {role: key}}."""
+    matches = [m.groupdict() | {"key": m.string} for m in map(pattern.match, keys) if m]
+    # A raw model state dict names the adapter (lora_A.default.weight); with one adapter it adds nothing.
+    several_adapters = len({gd.get("adapter") for gd in matches}) > 1
     groups: dict[str, dict[str, str]] = defaultdict(dict)
-    for key in keys:
-        m = pattern.match(key)
-        if not m:
-            continue
-        gd = m.groupdict()
-        role = _PART_ROLES[gd["part"]]
-        if gd.get("param") == "bias":
-            role += "_bias"
-        name = gd["name"]
-        if gd.get("adapter"):
-            name = f"{name}[{gd['adapter']}]"
-        groups[name][role] = key
+    for gd in matches:
+        role = _PART_ROLES[gd["part"]] + ("_bias" if gd.get("param") == "bias" else "")
+        name = f"{gd['name']}[{gd['adapter']}]" if several_adapters and gd.get("adapter") else gd["name"]
+        groups[name][role] = gd["key"]
     return groups
 
 

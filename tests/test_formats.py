@@ -339,3 +339,18 @@ def test_format_override(tmp_path):
     assert checkpoint.format == "mlx"
     with pytest.raises(rankscope.RankscopeError, match="no complete LoRA pair for format peft"):
         rankscope.load(tmp_path / "x.safetensors", format="peft")
+
+
+def test_raw_state_dict_with_adapter_names(tmp_path):
+    """``torch.save(model.state_dict())`` of a PEFT model keeps adapter names in its keys."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_bert(), LoraConfig(r=3, lora_alpha=3, target_modules=["query"]))
+    randomise_lora(model)
+    save_torch({k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k}, tmp_path / "raw.safetensors")
+    checkpoint = rankscope.load(tmp_path / "raw.safetensors")
+    assert sorted(m.name for m in checkpoint.modules) == sorted(peft_layers(model))
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=2, target_modules=["query"]))
+    save_torch({k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k}, tmp_path / "two.safetensors")
+    names = {m.name for m in rankscope.load(tmp_path / "two.safetensors").modules}
+    assert len(names) == 4 and {n.rsplit("[", 1)[-1] for n in names} == {"default]", "second]"}
