@@ -1,0 +1,72 @@
+"""transformers ``TrainerCallback``s: BeamLoRA inside ``Trainer``, and snapshots for plain LoRA runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .controller import BeamLoraController
+from .errors import BeamLoraError
+from .snapshots import is_main_process, snapshot_dir, write_adapter
+
+STATE_FILE = "beamlora_state.pt"
+
+
+def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
+class BeamLoraCallback(TrainerCallback):
+    """Runs ``controller.step`` after every optimizer step of a ``Trainer``.
+
+    ``on_step_end`` fires once per optimizer step, so gradient accumulation counts optimizer
+    steps, not micro-batches. Trainer checkpoints get ``beamlora_state.pt`` beside them, and a
+    run resumed with ``resume_from_checkpoint`` restores it (Trainer has already reloaded the
+    adapter and the optimizer by ``on_train_begin``).
+    """
+
+    def __init__(self, controller: BeamLoraController):
+        self.controller = controller
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step == self.controller.step_count:
+            return
+        saved = _checkpoint_dir(args, state) / STATE_FILE
+        if not saved.is_file():
+            raise BeamLoraError(f"resuming at step {state.global_step} but {saved} is missing; expected the "
+                                "beamlora_state.pt that BeamLoraCallback writes into every Trainer checkpoint")
+        self.controller.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.controller.step(kwargs["optimizer"])
+        if self.controller.step_count != state.global_step:
+            raise BeamLoraError(f"BeamLoRA counted {self.controller.step_count} optimizer steps, Trainer "
+                                f"{state.global_step}; attach a fresh controller for each run")
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if is_main_process():
+            folder = _checkpoint_dir(args, state)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{STATE_FILE}.tmp"
+            torch.save(self.controller.state_dict(), tmp)
+            os.replace(tmp, folder / STATE_FILE)
+
+
+class SnapshotCallback(TrainerCallback):
+    """Writes ``output_dir/step-NNNNNN/`` (a plain PEFT adapter) every ``every`` steps of a LoRA run.
+
+    The same layout as BeamLoRA's snapshots, so rankscope compares the two runs step by step.
+    """
+
+    def __init__(self, every: int, output_dir: str | os.PathLike):
+        if not isinstance(every, int) or every < 1:
+            raise BeamLoraError(f"every={every!r}, expected a positive integer")
+        self.every = every
+        self.output_dir = Path(output_dir)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step % self.every == 0 and is_main_process():
+            write_adapter(kwargs["model"], snapshot_dir(self.output_dir, state.global_step))

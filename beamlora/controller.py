@@ -1,0 +1,266 @@
+"""``BeamLoraController``: counts optimizer steps and runs assess → prune → expand every Δt.
+
+Timeline for Δt = 100: the historical snapshot (A, B and their Adam moments) is taken at step
+50, the operation runs at step 100 and copies a source's step-50 values into each pruned slot,
+the next snapshot is at 150, and so on until ``end_step`` (p reaches 1) or until fewer than Δt
+steps remain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rankscope.atomic import write_text
+
+from .config import BeamLoraConfig
+from .errors import BeamLoraError
+from .layer import ScoredLayer, add_scores
+from .selection import plan_operation, top_p
+from .snapshots import is_main_process, snapshot_dir, write_adapter
+
+EVENTS_FILE = "events.jsonl"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    # accelerate's AcceleratedOptimizer (what Trainer hands to callbacks) wraps the real one.
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+@dataclass
+class History:
+    """One layer's parameters and Adam moments, taken Δt/2 steps before an operation."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    moments: dict[str, torch.Tensor]  # "A.exp_avg", "A.exp_avg_sq", "B.exp_avg", "B.exp_avg_sq"
+
+
+class BeamLoraController:
+    """Owns the score vectors of a PEFT LoRA model and performs BeamLoRA's operations.
+
+    Create it with :func:`beamlora.attach`, then build the optimizer (so it sees the scores),
+    and call :meth:`step` after every ``optimizer.step()``.
+    """
+
+    def __init__(self, model: nn.Module, config: BeamLoraConfig):
+        self.model = model
+        self.config = config
+        self.layers: list[ScoredLayer] = add_scores(model, config.temperature)
+        self.step_count = 0
+        self.history: dict[str, History] | None = None
+        self.events: list[dict[str, Any]] = []
+        self._checked_optimizer = False
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def end_step(self) -> int:
+        return self.config.resolved_end_step
+
+    def p(self, step: int) -> float:
+        return top_p(step, self.config.p_init, self.end_step)
+
+    def operation_due(self, step: int) -> bool:
+        """At multiples of Δt, before end_step, with at least Δt steps left in the run."""
+        c = self.config
+        return (step > 0 and step % c.delta_t == 0 and step < self.end_step
+                and step + c.delta_t <= c.total_steps and self.p(step) < 1.0)
+
+    def operation_steps(self) -> list[int]:
+        return [t for t in range(self.config.delta_t, self.config.total_steps + 1, self.config.delta_t)
+                if self.operation_due(t)]
+
+    def history_due(self, step: int) -> bool:
+        half = self.config.delta_t // 2
+        return self.operation_due(step + half)
+
+    # ------------------------------------------------------------------ the step
+
+    def scores(self) -> list[nn.Parameter]:
+        """The score vectors: the optimizer must hold them (create it after ``attach``)."""
+        return [layer.score for layer in self.layers]
+
+    def step(self, optimizer: Any) -> list[dict[str, Any]]:
+        """Call once after every ``optimizer.step()``. Returns the events of this step (if any)."""
+        optimizer = _unwrap(optimizer)
+        if not self._checked_optimizer:
+            self._check_optimizer(optimizer)
+        self.step_count += 1
+        t = self.step_count
+        new_events: list[dict[str, Any]] = []
+        if self.history_due(t):
+            self.history = self._take_history(optimizer)
+        if self.operation_due(t):
+            new_events = self._operate(optimizer, t)
+        if self.config.snapshot_every and t % self.config.snapshot_every == 0 and self.config.output_dir:
+            self.save_snapshot()
+        return new_events
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [layer.name for layer in self.layers if id(layer.score) not in held]
+        if missing:
+            raise BeamLoraError(f"the optimizer does not hold the BeamLoRA score of {missing[0]} "
+                                f"({len(missing)} of {len(self.layers)} missing); create the optimizer after "
+                                "beamlora.attach(model, config)")
+        self._checked_optimizer = True
+
+    def _moment(self, optimizer: torch.optim.Optimizer, param: nn.Parameter, key: str, where: str) -> torch.Tensor:
+        state = optimizer.state.get(param, {})
+        if key not in state:
+            raise BeamLoraError(f"{type(optimizer).__name__} keeps no {key!r} state for {where}; BeamLoRA copies "
+                                "Adam moments, expected torch.optim.Adam or AdamW holding the LoRA parameters")
+        return state[key]
+
+    def _take_history(self, optimizer: torch.optim.Optimizer) -> dict[str, History]:
+        history = {}
+        for layer in self.layers:
+            moments = {f"{side}.{key}": self._moment(optimizer, param, key, f"{layer.name}.lora_{side}").detach().clone()
+                       for side, param in (("A", layer.A), ("B", layer.B)) for key in MOMENTS}
+            history[layer.name] = History(layer.A.detach().clone(), layer.B.detach().clone(), moments)
+        return history
+
+    def _importances(self) -> list[np.ndarray]:
+        """softmax(s/T) per layer, identical on every process of a distributed run."""
+        with torch.no_grad():
+            flat = torch.cat([layer.score.detach().float() for layer in self.layers])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # DDP keeps the scores equal already; broadcasting rank 0's makes the decision provably shared.
+                torch.distributed.broadcast(flat, src=0)
+            out, start = [], 0
+            for layer in self.layers:
+                s = flat[start:start + layer.rank].double()
+                start += layer.rank
+                out.append(torch.softmax(s / layer.temperature, dim=0).cpu().numpy())
+        return out
+
+    def _operate(self, optimizer: torch.optim.Optimizer, t: int) -> list[dict[str, Any]]:
+        if self.history is None:
+            raise BeamLoraError(f"step {t}: no historical snapshot to expand from (the controller missed step "
+                                f"{t - self.config.delta_t // 2}); call controller.step after every optimizer step")
+        importances = self._importances()
+        p = self.p(t)
+        plans = plan_operation(importances, p, self.config.scope, self.config.max_fraction)
+        events = []
+        for layer, values, (slots, sources) in zip(self.layers, importances, plans):
+            if slots.size:
+                self._expand(optimizer, layer, self.history[layer.name], slots, sources)
+            events.append({"step": t, "p": p, "module": layer.name, "pruned": slots.tolist(),
+                           "sources": sources.tolist(), "importance": (values * layer.rank).tolist()})
+        self.history = None  # the next operation expands from a fresh snapshot
+        self.events.extend(events)
+        self._write_events()
+        return events
+
+    def _expand(self, optimizer: torch.optim.Optimizer, layer: ScoredLayer, history: History,
+                slots: np.ndarray, sources: np.ndarray) -> None:
+        dst = torch.as_tensor(slots, device=layer.A.device)
+        src = torch.as_tensor(sources, device=layer.A.device)
+        mode = self.config.optimizer_state
+        with torch.no_grad():
+            # Historical values, not current ones: two identical ranks would never separate.
+            layer.A[dst] = history.A[src]
+            layer.B[:, dst] = history.B[:, src]
+            for key in MOMENTS:
+                state_A = self._moment(optimizer, layer.A, key, f"{layer.name}.lora_A")
+                state_B = self._moment(optimizer, layer.B, key, f"{layer.name}.lora_B")
+                if mode == "history":
+                    state_A[dst] = history.moments[f"A.{key}"][src]
+                    state_B[:, dst] = history.moments[f"B.{key}"][:, src]
+                elif mode == "reset":
+                    state_A[dst] = 0
+                    state_B[:, dst] = 0
+                else:  # "official": the authors' boolean-mask copy_, which writes into a temporary copy
+                    mask = torch.zeros(layer.rank, dtype=torch.bool, device=dst.device)
+                    mask[dst] = True
+                    order = torch.argsort(dst)  # a boolean mask visits slots in ascending order
+                    state_A[mask, :].copy_(history.moments[f"A.{key}"][src[order]])
+                    state_B[:, mask].copy_(history.moments[f"B.{key}"][:, src[order]])
+            score = layer.score
+            mean = (score[dst] + score[src]) / 2
+            score[dst] = mean
+            score[src] = mean
+            for key in MOMENTS:  # the authors zero the score vector's moments after every operation
+                state = optimizer.state.get(score, {})
+                if key in state:
+                    state[key].zero_()
+
+    # ------------------------------------------------------------------ files
+
+    def _write_events(self) -> None:
+        if self.config.output_dir and is_main_process():
+            lines = "".join(json.dumps(event) + "\n" for event in self.events)
+            write_text(Path(self.config.output_dir) / EVENTS_FILE, lines)
+
+    def save_snapshot(self, step: int | None = None) -> Path | None:
+        """Write ``output_dir/step-NNNNNN/``: the plain adapter and the raw scores (rank 0 only)."""
+        step = self.step_count if step is None else step
+        if not self.config.output_dir:
+            raise BeamLoraError("snapshots need config.output_dir, found None")
+        if not is_main_process():
+            return None
+        return write_adapter(self.model, snapshot_dir(self.config.output_dir, step), self.layers, step)
+
+    def export(self, path: str | os.PathLike) -> Path | None:
+        """A plain PEFT LoRA adapter with w folded into A; vanilla ``PeftModel.from_pretrained`` loads it."""
+        if not is_main_process():
+            return None
+        return write_adapter(self.model, path, self.layers, self.step_count, with_scores=False)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Current ``w = r · softmax(s / T)`` per module."""
+        return {layer.name: layer.weights().detach() for layer in self.layers}
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: step, scores, the pending historical snapshot, events.
+
+        The controller draws no random numbers, so there is no random state of its own to save.
+        """
+        history = None if self.history is None else {
+            name: {"A": h.A, "B": h.B, **h.moments} for name, h in self.history.items()}
+        return {"step": self.step_count, "config": self.config.to_dict(),
+                "scores": {layer.name: layer.score.detach().clone() for layer in self.layers},
+                "history": history, "events": json.dumps(self.events)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {layer.name for layer in self.layers}
+        if set(state["scores"]) != names:
+            extra = sorted(set(state["scores"]) ^ names)
+            raise BeamLoraError(f"saved BeamLoRA state does not match this model: module {extra[0]} differs, "
+                                "expected the same LoRA layers")
+        self.step_count = int(state["step"])
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.score.copy_(state["scores"][layer.name])
+        self.history = None
+        if state["history"] is not None:
+            self.history = {name: History(h["A"], h["B"], {k: v for k, v in h.items() if k not in ("A", "B")})
+                            for name, h in state["history"].items()}
+        self.events = json.loads(state["events"])
+
+    def detach(self) -> None:
+        """Remove the forward hooks (the scores stay on the layers)."""
+        for layer in self.layers:
+            layer.remove()
+
+
+def attach(model: nn.Module, config: BeamLoraConfig | None = None) -> BeamLoraController:
+    """Add BeamLoRA scores to every LoRA layer of ``model``'s active adapter; returns the controller.
+
+    Create the optimizer *after* this call so it holds the new score parameters, and call
+    ``controller.step(optimizer)`` after every ``optimizer.step()`` (or use ``BeamLoraCallback``).
+    """
+    return BeamLoraController(model, config or BeamLoraConfig())

@@ -1,0 +1,66 @@
+"""Write plain PEFT adapters (with BeamLoRA's w folded into A) and run snapshots, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from rankscope.atomic import atomic_dir
+
+from .layer import ScoredLayer
+
+SCORES_FILE = "beamlora_scores.safetensors"  # rankscope reads it beside the adapter
+
+
+def snapshot_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"step-{step:06d}"
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes files in a distributed run."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+@contextlib.contextmanager
+def folded(layers: Sequence[ScoredLayer]) -> Iterator[None]:
+    """Temporarily hold diag(w) A in every lora_A, so PEFT's own save writes a plain adapter.
+
+    The original A is copied back afterwards, bit for bit.
+    """
+    originals = [layer.A.detach().clone() for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.A.copy_(layer.folded_A())
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, original in zip(layers, originals):
+                layer.A.copy_(original)
+
+
+def write_adapter(model: nn.Module, path: str | os.PathLike, layers: Sequence[ScoredLayer] = (),
+                  step: int | None = None, with_scores: bool = True) -> Path:
+    """Save ``model``'s adapter with PEFT's ``save_pretrained`` into ``path`` (temporary folder, then rename).
+
+    With BeamLoRA ``layers``, w is folded into A and the raw scores go beside the adapter in
+    ``beamlora_scores.safetensors`` (keys: module paths, float32 (r,) tensors).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        with folded(layers):
+            model.save_pretrained(str(tmp))
+        if layers and with_scores:
+            scores = {layer.name: layer.score.detach().float().cpu().contiguous() for layer in layers}
+            metadata = {"format": "beamlora", "temperature": repr(layers[0].temperature),
+                        "step": "" if step is None else str(step)}
+            save_file(scores, str(tmp / SCORES_FILE), metadata=metadata)
+    return path
