@@ -15,9 +15,10 @@ from torch import nn
 
 from .errors import BeamLoraError
 
-# The attribute must not contain "lora_": PEFT saves every parameter whose name does, and the
-# exported adapter must stay a plain LoRA adapter.
-SCORE_ATTR = "beam_score"
+# The scores live in one ParameterList on the model itself, outside PEFT's tuner layers: PEFT
+# saves every parameter of a tuner layer (and older releases every name containing "lora_"), and
+# the exported adapter must stay a plain LoRA adapter.
+SCORES_ATTR = "beam_scores"
 
 
 def rank_weights(score: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -93,6 +94,9 @@ def add_scores(model: nn.Module, temperature: float) -> list[ScoredLayer]:
     if not isinstance(adapter, str):
         raise BeamLoraError(f"model has active adapter {adapter!r}; expected a PeftModel with one active LoRA "
                             "adapter (get_peft_model(model, LoraConfig(...)))")
+    if SCORES_ATTR in model._modules:
+        raise BeamLoraError(f"{type(model).__name__} already has BeamLoRA scores; attach once per model")
+    store = nn.ParameterList()
     layers: list[ScoredLayer] = []
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in getattr(module, "lora_A", {}):
@@ -104,12 +108,10 @@ def add_scores(model: nn.Module, temperature: float) -> list[ScoredLayer]:
             variant = type(module.lora_variant[adapter]).__name__
             raise BeamLoraError(f"{name}: LoRA variant {variant} found, expected vanilla LoRA "
                                 "(BeamLoRA does not combine with DoRA or other variants)")
-        if hasattr(module, SCORE_ATTR):
-            raise BeamLoraError(f"{name}: already has BeamLoRA scores; attach once per model")
         lora_A = module.lora_A[adapter]
         weight = lora_A.weight
         score = nn.Parameter(torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device))
-        module.register_parameter(SCORE_ATTR, score)
+        store.append(score)
         layer = ScoredLayer(name=name, module=module, adapter=adapter, temperature=temperature, score=score,
                             rank_axis=_rank_axis(lora_A, name))
         layer.install()
@@ -117,4 +119,5 @@ def add_scores(model: nn.Module, temperature: float) -> list[ScoredLayer]:
     if not layers:
         raise BeamLoraError(f"no LoRA layers for adapter {adapter!r} found in {type(model).__name__}; expected a "
                             "PeftModel made with get_peft_model(model, LoraConfig(...))")
+    model.add_module(SCORES_ATTR, store)  # so model.parameters() (and any optimizer built from it) holds them
     return layers
