@@ -1,0 +1,279 @@
+"""How rank importances evolve over a run: spread per step, rank-order stability, separation.
+
+Pure functions on the ``rankscope/analysis-v1`` document (numpy and scipy only), so they work
+the same on a fresh ``analyze(path)`` and on a JSON file written earlier. The output of
+:func:`dynamics` is JSON-ready (NaN only where a value is undefined; ``report.to_json`` turns
+those into null).
+
+Modules are matched between snapshots by name; a module whose importance is null (NaN/Inf
+weights) or all zero (B = 0 at initialisation) is skipped where an ordering is needed, and
+modules that appear or disappear are compared only on the snapshots that hold both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+from scipy.stats import rankdata
+
+TOP_FRACTION = 0.1
+STABLE_THRESHOLD = 0.9
+# As in report.describe_spread: below both limits the importances count as "nearly even".
+FLAT_EFFECTIVE_RANK_RATIO = 0.97
+FLAT_TOP_EXCESS = 0.3
+
+Band = dict[str, float]
+
+
+def band(values: Iterable[float | None]) -> Band:
+    """Median, quartiles, min, max and count of the finite values (NaN fields when there are none)."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        nan = float("nan")
+        return {"median": nan, "q25": nan, "q75": nan, "min": nan, "max": nan, "n": 0}
+    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75])
+    return {"median": float(median), "q25": float(q25), "q75": float(q75),
+            "min": float(x.min()), "max": float(x.max()), "n": int(x.size)}
+
+
+def uniform_top_share(rank: int, fraction: float = TOP_FRACTION) -> float:
+    """Top-share of equal importances: ceil(fraction·r)/r (at least one rank), as importance.top_share."""
+    return min(1.0, max(1, math.ceil(fraction * rank - 1e-9)) / rank)
+
+
+def usable(module: dict[str, Any]) -> bool:
+    """A module whose importances can be ordered: present, finite, not all zero."""
+    values = module.get("importance")
+    if values is None or len(values) == 0:
+        return False
+    x = np.asarray(values, dtype=np.float64)
+    return bool(np.isfinite(x).all() and x.sum() > 0)
+
+
+def spearman(x: Iterable[float], y: Iterable[float]) -> float:
+    """Spearman's rho in float64: Pearson correlation of average ranks (ties share their mean rank).
+
+    NaN when either side has fewer than two ranks or is constant (no ordering to compare).
+    """
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.size != b.size or a.size < 2:
+        return float("nan")
+    ra, rb = rankdata(a) - (a.size + 1) / 2, rankdata(b) - (b.size + 1) / 2
+    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    if denominator == 0:
+        return float("nan")
+    return float(np.clip((ra * rb).sum() / denominator, -1.0, 1.0))
+
+
+def _x_axis(steps: list[int | None]) -> tuple[list[float], str]:
+    # Plots need numbers: steps when every snapshot has one, else the snapshot index.
+    if steps and all(s is not None for s in steps):
+        return [float(s) for s in steps], "step"
+    return [float(i) for i in range(len(steps))], "snapshot (index; steps unknown)"
+
+
+def _by_name(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in snapshot.get("modules", []) if usable(m)}
+
+
+def spread_at(snapshot: dict[str, Any]) -> dict[str, Band]:
+    """Spread over modules at one snapshot: top-10% share, Gini, effective rank / r, uniform top share."""
+    good = list(_by_name(snapshot).values())
+    return {
+        "top10_share": band(m.get("top10_share") for m in good),
+        "top10_share_uniform": band(uniform_top_share(m["rank"]) for m in good),
+        "gini": band(m.get("gini") for m in good),
+        "effective_rank_ratio": band(
+            (m["effective_rank"] / m["rank"]) if m.get("effective_rank") is not None else None for m in good),
+    }
+
+
+def stability_pair(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Spearman rho per module between two snapshots (modules present in both, same rank)."""
+    a, b = _by_name(before), _by_name(after)
+    rhos = {}
+    for name in a.keys() & b.keys():
+        if a[name]["rank"] == b[name]["rank"]:
+            rho = spearman(a[name]["importance"], b[name]["importance"])
+            if math.isfinite(rho):
+                rhos[name] = rho
+    entry: dict[str, Any] = {"from_step": before.get("step"), "to_step": after.get("step")}
+    entry.update(band(rhos.values()))
+    entry["modules"] = entry.pop("n")
+    entry["per_module"] = dict(sorted(rhos.items()))
+    return entry
+
+
+def stable_from(pairs: list[dict[str, Any]], threshold: float = STABLE_THRESHOLD) -> int | None:
+    """Index of the first snapshot from which every later consecutive pair has median rho ≥ threshold.
+
+    A pair without any defined rho (flat or missing modules) counts as not stable. None when
+    the last pair is not stable, or when there is no pair at all.
+    """
+    start = None
+    for i in range(len(pairs) - 1, -1, -1):
+        median = pairs[i]["median"]
+        if not (math.isfinite(median) and median >= threshold):
+            break
+        start = i
+    return start
+
+
+def trajectories(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per module: the snapshots that hold it (index, step) and its importance matrix (snapshots × r)."""
+    out: dict[str, dict[str, Any]] = {}
+    for index, snapshot in enumerate(document.get("snapshots", [])):
+        for name, m in _by_name(snapshot).items():
+            entry = out.setdefault(name, {"rank": m["rank"], "layer": m.get("layer"), "kind": m.get("kind"),
+                                          "indices": [], "steps": [], "importance": []})
+            if m["rank"] != entry["rank"]:  # a rank change (resized adapter): keep the first run of equal rank
+                continue
+            entry["indices"].append(index)
+            entry["steps"].append(snapshot.get("step"))
+            entry["importance"].append([float(v) for v in m["importance"]])
+    return out
+
+
+def separation(spread: list[dict[str, Band]]) -> dict[str, Any]:
+    """Have the importances separated? Final median top-10% share against uniform, and its growth."""
+    if not spread:
+        return {"separated": False, "verdict": "no snapshot"}
+    first, last = spread[0], spread[-1]
+    share, uniform = last["top10_share"]["median"], last["top10_share_uniform"]["median"]
+    ratio = last["effective_rank_ratio"]["median"]
+    excess = share / uniform - 1 if math.isfinite(share) and uniform > 0 else float("nan")
+    if not math.isfinite(excess):
+        verdict, separated = "no module has a non-zero update: nothing to compare", False
+    elif ratio > FLAT_EFFECTIVE_RANK_RATIO and excess < FLAT_TOP_EXCESS:
+        verdict, separated = "nearly flat: the ranks have barely separated (typical of short runs)", False
+    else:
+        verdict, separated = "separated: a minority of ranks carries more of each update", True
+    return {
+        "separated": separated,
+        "verdict": verdict,
+        "final_top10_share": share,
+        "uniform_top10_share": uniform,
+        "relative_excess": excess,
+        "final_effective_rank_ratio": ratio,
+        "final_gini": last["gini"]["median"],
+        "top10_share_change": share - first["top10_share"]["median"],
+    }
+
+
+def dynamics(document: dict[str, Any], threshold: float = STABLE_THRESHOLD,
+             include_trajectories: bool = True) -> dict[str, Any]:
+    """The dynamics of a run (``rankscope/dynamics-v1``), from its analysis document.
+
+    Snapshots are taken in the document's order (``analyze`` sorts them by step, unknown last).
+    ``stable_from`` is the step (``stable_from_index`` the snapshot index) from which the
+    median Spearman rho between consecutive snapshots stays ≥ ``threshold`` for all later pairs.
+    """
+    snapshots = document.get("snapshots", [])
+    steps = [s.get("step") for s in snapshots]
+    x, x_label = _x_axis(steps)
+    spread = [spread_at(s) for s in snapshots]
+    pairs = [stability_pair(a, b) for a, b in zip(snapshots, snapshots[1:])]
+    start = stable_from(pairs, threshold)
+    result: dict[str, Any] = {
+        "schema": "rankscope/dynamics-v1",
+        "path": document.get("path"),
+        "steps": steps,
+        "x": x,
+        "x_label": x_label,
+        "snapshots": len(snapshots),
+        "spread": spread,
+        "stability": pairs,
+        "threshold": threshold,
+        "stable_from_index": start,
+        "stable_from": steps[start] if start is not None else None,
+        "separation": separation(spread),
+        "operations": operations(document),
+    }
+    if include_trajectories:
+        result["modules"] = trajectories(document)
+    return result
+
+
+def _count(value: Any) -> int:
+    # events.jsonl may give the pruned slots as a list or as a count.
+    if value is None:
+        return 0
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return int(value)
+
+
+def operations(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """BeamLoRA events (``events.jsonl``) summarised per step: p, modules operated, ranks pruned."""
+    by_step: dict[Any, list[dict[str, Any]]] = {}
+    for event in document.get("events") or []:
+        if isinstance(event, dict):
+            by_step.setdefault(event.get("step"), []).append(event)
+    out = []
+    for step in sorted(by_step, key=lambda s: (s is None, s or 0)):
+        events = by_step[step]
+        counts = {e.get("module", f"#{i}"): _count(e.get("pruned")) for i, e in enumerate(events)}
+        ps = [e["p"] for e in events if isinstance(e.get("p"), (int, float))]
+        out.append({
+            "step": step,
+            "p": ps[0] if ps else None,
+            "events": len(events),
+            "modules_operated": sum(1 for c in counts.values() if c > 0),
+            "pruned_total": int(sum(counts.values())),
+            "pruned_per_module": band(counts.values()),
+            "pruned": {k: v for k, v in counts.items() if v > 0},
+        })
+    return out
+
+
+def largest_final_spread(document: dict[str, Any]) -> str | None:
+    """The module whose last usable importances are most unequal (highest Gini): the default to plot."""
+    for snapshot in reversed(document.get("snapshots", [])):
+        good = list(_by_name(snapshot).values())
+        if good:
+            return max(good, key=lambda m: (m.get("gini") if m.get("gini") is not None else -1, m["name"]))["name"]
+    return None
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def dynamics_summary_lines(dyn: dict[str, Any], rec: dict[str, Any] | None = None) -> list[str]:
+    """Terminal summary of :func:`dynamics` and, if given, of ``recommend.recommend``."""
+    steps = dyn["steps"]
+    sep = dyn["separation"]
+    lines = [f"dynamics: {dyn.get('path')} ({dyn['snapshots']} snapshots"
+             + (f", steps {steps[0]}–{steps[-1]})" if steps else ")")]
+    if dyn["spread"]:
+        first, last = dyn["spread"][0], dyn["spread"][-1]
+        lines.append(f"  top-10% share  {_fmt(first['top10_share']['median'])} -> {_fmt(last['top10_share']['median'])}"
+                     f"   (median over modules; uniform {_fmt(sep.get('uniform_top10_share'))})")
+        lines.append(f"  eff. rank / r  {_fmt(first['effective_rank_ratio']['median'])} -> "
+                     f"{_fmt(last['effective_rank_ratio']['median'])}")
+    lines.append(f"  separation     {sep['verdict']}"
+                 + (f" (top-10% share {_fmt(sep['relative_excess'] * 100, 1)}% above uniform)"
+                    if math.isfinite(sep.get("relative_excess", float("nan"))) else ""))
+    if dyn["stability"]:
+        rhos = " ".join(_fmt(p["median"], 2) for p in dyn["stability"])
+        lines.append(f"  rank order     median Spearman between consecutive snapshots: {rhos}")
+        where = (f"stable (rho ≥ {dyn['threshold']:g}) from step {dyn['stable_from']}"
+                 if dyn["stable_from_index"] is not None else f"never stayed ≥ {dyn['threshold']:g}")
+        lines.append(f"  stability      {where}")
+    else:
+        lines.append("  stability      one snapshot: no ordering to compare")
+    for op in dyn.get("operations", []):
+        lines.append(f"  operation      step {op['step']}: p {_fmt(op['p'])}, {op['pruned_total']} ranks pruned "
+                     f"in {op['modules_operated']} modules")
+    if rec is not None:
+        lines.append(f"  recommend      p_init {rec['p_init']:.2f}, delta_t {rec['delta_t']} "
+                     f"(end_step {rec['end_step']} of {rec['total_steps']} steps)")
+        lines += [f"    because      {r}" for r in rec["reasons"]]
+        lines += [f"  warning        {w}" for w in rec["warnings"]]
+    return lines
+
+
+__all__ = ["dynamics", "operations", "spearman", "stable_from", "separation", "trajectories", "spread_at",
+           "largest_final_spread", "dynamics_summary_lines", "uniform_top_share", "band"]

@@ -1,0 +1,175 @@
+"""Plots of how rank importances evolve over a run (matplotlib Agg through ``rankscope.plotting``)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .dynamics import _count, dynamics, largest_final_spread, trajectories
+from .errors import RankscopeError
+from .plotting import _pyplot, save_figure
+
+
+def _edges(x: np.ndarray) -> np.ndarray:
+    """Cell edges around each x (midpoints between neighbours), for pcolormesh on uneven steps."""
+    if x.size == 1:
+        half = max(0.5, abs(float(x[0])) * 0.1)
+        return np.array([x[0] - half, x[0] + half])
+    mid = (x[1:] + x[:-1]) / 2
+    return np.concatenate([[x[0] - (mid[0] - x[0])], mid, [x[-1] + (x[-1] - mid[-1])]])
+
+
+def _event_steps(events: Iterable[dict[str, Any]] | None, module: str | None = None) -> list[float]:
+    """Steps of BeamLoRA operations (for one module if named; operations() rows have no module key)."""
+    steps = set()
+    for e in events or []:
+        if e.get("step") is None:
+            continue
+        if module is not None and "module" in e and e["module"] != module:
+            continue
+        pruned = e.get("pruned_total", e.get("pruned"))
+        if pruned is not None and not isinstance(pruned, dict) and _count(pruned) == 0:
+            continue  # an operation that pruned nothing (p = 1) would only clutter the plot
+        steps.add(float(e["step"]))
+    return sorted(steps)
+
+
+def _mark_events(axes, steps: list[float], label: str = "BeamLoRA operation") -> None:
+    for ax in axes:
+        for i, s in enumerate(steps):
+            ax.axvline(s, color="k", ls="--", lw=0.9, alpha=0.6, label=label if (i == 0 and ax is axes[0]) else None)
+
+
+def _short(name: str, limit: int = 70) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+
+
+def plot_rank_heatmap(document: dict[str, Any], module_name: str, path: str | os.PathLike) -> Path:
+    """Each rank's importance over the snapshots for one module, ranks sorted by final importance.
+
+    Top: the module's total importance (how large the update is). Bottom: each rank's importance
+    divided by the module's mean at that snapshot (1 = equal share), so the ordering stays
+    visible while the update grows from B = 0.
+    """
+    traj = trajectories(document).get(module_name)
+    if traj is None or not traj["importance"]:
+        raise RankscopeError(f"module {module_name} has no usable importance in any snapshot")
+    plt = _pyplot()
+    matrix = np.asarray(traj["importance"], dtype=np.float64)  # snapshots × r
+    x = _module_x(document, traj)
+    order = np.argsort(-matrix[-1], kind="stable")  # most important (finally) on top
+    relative = (matrix / matrix.mean(axis=1, keepdims=True))[:, order].T
+    r = matrix.shape[1]
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(7.4, 2.2 + min(7.0, 0.6 + 0.14 * r)), sharex=True,
+                                  gridspec_kw={"height_ratios": [1, 3]})
+    top.plot(x, matrix.sum(axis=1), "-o", color="C0", markersize=3)
+    top.set_ylabel("sum of\nimportances", fontsize=8)
+    top.grid(alpha=0.3)
+    spread = max(float(np.abs(relative - 1).max()), 1e-3)
+    from matplotlib.colors import TwoSlopeNorm
+
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=max(0.0, 1 - spread), vmax=1 + spread)
+    image = ax.pcolormesh(_edges(np.asarray(x)), np.arange(r + 1), relative, cmap="RdBu_r", norm=norm, shading="flat")
+    ax.invert_yaxis()
+    step = max(1, math.ceil(r / 24))
+    ax.set_yticks(np.arange(0, r, step) + 0.5, [f"#{order[i]}" for i in range(0, r, step)], fontsize=7)
+    ax.set_ylabel("rank slot, sorted by\nfinal importance (top = largest)", fontsize=8)
+    ax.set_xlabel(_x_label(document))
+    fig.colorbar(image, ax=[top, ax], label="importance / module mean at that step (1 = equal)", fraction=0.04)
+    events = _event_steps(document.get("events"), module_name)
+    _mark_events([top, ax], events)
+    if events:
+        top.legend(fontsize=7, loc="upper left")
+    top.set_title(f"Per-rank importance over training, r = {r}\n{_short(module_name)}", fontsize=10)
+    fig.align_ylabels([top, ax])
+    return save_figure(fig, path)
+
+
+def _x_label(document: dict[str, Any]) -> str:
+    steps = [s.get("step") for s in document.get("snapshots", [])]
+    return "step" if steps and all(s is not None for s in steps) else "snapshot (index; steps unknown)"
+
+
+def _module_x(document: dict[str, Any], traj: dict[str, Any]) -> list[float]:
+    # Same axis as dynamics(): steps when all are known, else the snapshot index.
+    if _x_label(document) == "step":
+        return [float(s) for s in traj["steps"]]
+    return [float(i) for i in traj["indices"]]
+
+
+def plot_spread_over_time(dyn: dict[str, Any], path: str | os.PathLike,
+                          events: Iterable[dict[str, Any]] | None = None) -> Path:
+    """Top-10% share and effective rank / r over steps: median over modules with the IQR band."""
+    plt = _pyplot()
+    x = np.asarray(dyn["x"], dtype=np.float64)
+    fig, axes = plt.subplots(2, 1, figsize=(6.8, 5.6), sharex=True)
+    panels = (("top10_share", "top-10% share of importance", "C3"),
+              ("effective_rank_ratio", "effective rank / r", "C0"))
+    for ax, (key, label, color) in zip(axes, panels):
+        median = np.array([s[key]["median"] for s in dyn["spread"]], dtype=np.float64)
+        q25 = np.array([s[key]["q25"] for s in dyn["spread"]], dtype=np.float64)
+        q75 = np.array([s[key]["q75"] for s in dyn["spread"]], dtype=np.float64)
+        ax.fill_between(x, q25, q75, color=color, alpha=0.2, lw=0, label="IQR over modules")
+        ax.plot(x, median, "-o", color=color, markersize=4, label="median over modules")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    uniform = [s["top10_share_uniform"]["median"] for s in dyn["spread"]]
+    axes[0].plot(x, uniform, color="grey", ls=":", lw=1, label="all ranks equal")
+    axes[1].axhline(1.0, color="grey", ls=":", lw=1, label="all ranks equal")
+    _mark_events(list(axes), _event_steps(events if events is not None else dyn.get("operations")))
+    for ax in axes:
+        ax.legend(fontsize=7, loc="best")
+    axes[1].set_xlabel(dyn["x_label"])
+    axes[0].set_title(f"How unequal the ranks are over training\n{dyn['separation']['verdict']}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_stability(dyn: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Median Spearman rho of rank order between consecutive snapshots, with the IQR and stable_from."""
+    plt = _pyplot()
+    pairs = dyn["stability"]
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    if not pairs:
+        ax.text(0.5, 0.5, "one snapshot: no rank order to compare", ha="center", va="center", transform=ax.transAxes)
+    else:
+        x = np.asarray(dyn["x"][1:], dtype=np.float64)  # each pair plotted at its later snapshot
+        median = np.array([p["median"] for p in pairs], dtype=np.float64)
+        ax.fill_between(x, [p["q25"] for p in pairs], [p["q75"] for p in pairs], color="C2", alpha=0.2, lw=0,
+                        label="IQR over modules")
+        ax.plot(x, median, "-o", color="C2", markersize=4, label="median Spearman vs previous snapshot")
+        ax.axhline(dyn["threshold"], color="grey", ls=":", lw=1, label=f"threshold {dyn['threshold']:g}")
+        if dyn["stable_from_index"] is not None:
+            at = dyn["x"][dyn["stable_from_index"]]
+            ax.axvline(at, color="C3", lw=1.2, label=f"stable from {dyn['x_label'].split(' ')[0]} {at:g}")
+        low = np.nanmin([p["q25"] for p in pairs] + [dyn["threshold"]]) if np.isfinite(median).any() else 0
+        ax.set_ylim(max(-1.05, low - 0.05), 1.02)
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel(f"{dyn['x_label']} (later snapshot of each pair)")
+    ax.set_ylabel("Spearman rho of per-rank importance")
+    ax.grid(alpha=0.3)
+    verdict = (f"stable from {dyn['stable_from']}" if dyn["stable_from_index"] is not None else "never stable")
+    ax.set_title(f"Does the rank order settle? ({verdict})", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_dynamics(document: dict[str, Any], out_dir: str | os.PathLike, module: str | None = None,
+                  dyn: dict[str, Any] | None = None) -> list[Path]:
+    """rank_heatmap.png (the given module, else the most unequal one at the end), spread_over_time.png,
+    and stability.png when there are at least two snapshots."""
+    out_dir = Path(out_dir)
+    dyn = dyn if dyn is not None else dynamics(document, include_trajectories=False)
+    paths = []
+    module = module or largest_final_spread(document)
+    if module is not None:
+        paths.append(plot_rank_heatmap(document, module, out_dir / "rank_heatmap.png"))
+    paths.append(plot_spread_over_time(dyn, out_dir / "spread_over_time.png", document.get("events")))
+    if dyn["stability"]:
+        paths.append(plot_stability(dyn, out_dir / "stability.png"))
+    return paths
+
+
+__all__ = ["plot_rank_heatmap", "plot_spread_over_time", "plot_stability", "plot_dynamics"]

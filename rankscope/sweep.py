@@ -1,0 +1,547 @@
+"""``rankscope.sweep``: prune ranks by importance and watch the metric (the paper's Figures 1 and 4).
+
+For each fraction f, every adapted module loses its round(f·r) least (or most, or randomly
+chosen) important ranks by its own importance: row i of A and column i of B are zeroed in place
+on the loaded model, the model is evaluated, and the saved A and B are copied back, so nothing
+is reloaded and the restore is bit-exact. A second family ("spectral") keeps each update's top
+singular directions instead, written into the same r slots so no shape changes.
+
+Importances come from the checkpoint with :func:`rankscope.importance.rank_importance`, so the
+order is exactly the one ``rankscope analyze`` reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import RankscopeError
+from .importance import rank_importance
+from .loading import Checkpoint, Series, discover
+
+SCHEMA = "rankscope/sweep-v1"
+RANK_ORDERS = ("least", "most", "random")
+ORDERS = RANK_ORDERS + ("spectral",)
+DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
+_PEFT_PREFIX = "base_model.model."
+
+
+# ----------------------------------------------------------------------------- which ranks
+
+
+def drop_count(rank: int, fraction: float) -> int:
+    """round(f·r), halves rounded up (0.5·5 → 3), robust to 0.3·10 = 3.0000000000000004."""
+    return min(rank, int(math.floor(fraction * rank + 0.5 + 1e-9)))
+
+
+def ranks_to_drop(importance: np.ndarray, fraction: float, order: str,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """Indices (sorted) of the round(f·r) ranks to zero in one module.
+
+    ``least``/``most`` rank by ``importance`` (ties broken by index, so the choice is
+    reproducible); ``random`` takes the first k of ``rng.permutation(r)``: with a fresh
+    generator of the same seed for every fraction, the dropped sets grow nested.
+    """
+    importance = np.asarray(importance, dtype=np.float64).reshape(-1)
+    k = drop_count(importance.size, fraction)
+    if order == "least":
+        chosen = np.argsort(importance, kind="stable")[:k]
+    elif order == "most":
+        chosen = np.argsort(-importance, kind="stable")[:k]
+    elif order == "random":
+        if rng is None:
+            raise ValueError("order 'random' needs an rng")
+        chosen = rng.permutation(importance.size)[:k]
+    else:
+        raise RankscopeError(f"unknown order {order!r}: expected one of {', '.join(RANK_ORDERS)}")
+    return np.sort(chosen)
+
+
+def truncated_factors(A: torch.Tensor, B: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') with the same shapes whose product is the best rank-``keep`` approximation of B A.
+
+    From B = Q_B R_B and Aᵀ = Q_A R_A: B A = Q_B (R_B R_Aᵀ) Q_Aᵀ, so only an r×r SVD is needed,
+    never the d×k product. The kept directions (√σ on each side) fill the first slots, the rest are
+    zero. Returned in float64.
+    """
+    A64, B64 = A.detach().double(), B.detach().double()
+    q_b, r_b = torch.linalg.qr(B64)
+    q_a, r_a = torch.linalg.qr(A64.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    m = max(0, min(keep, s.numel()))
+    root = s[:m].sqrt()
+    A_new, B_new = torch.zeros_like(A64), torch.zeros_like(B64)
+    B_new[:, :m] = (q_b @ u[:, :m]) * root
+    A_new[:m] = root[:, None] * (q_a @ vh[:m].T).T
+    return A_new, B_new
+
+
+# ----------------------------------------------------------------------------- the model's LoRA layers
+
+
+def _bare(name: str) -> tuple[str, str | None]:
+    """Checkpoint or model name -> (name without PEFT's wrapper prefix, adapter named in [brackets])."""
+    adapter = None
+    if name.endswith("]") and "[" in name:
+        name, adapter = name[:-1].split("[", 1)
+    return name.removeprefix(_PEFT_PREFIX), adapter
+
+
+def _tensor(holder: Any, adapter: str | None) -> torch.Tensor | None:
+    """The weight tensor behind PEFT's ModuleDict/ParameterDict entry, a module's .weight, or a tensor."""
+    if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+        if adapter is None or adapter not in holder:
+            return None
+        holder = holder[adapter]
+    if isinstance(holder, torch.nn.Module):
+        holder = getattr(holder, "weight", None)
+    return holder.detach() if isinstance(holder, torch.Tensor) else None
+
+
+def _adapter_names(module: torch.nn.Module) -> list[str | None]:
+    names: list[str | None] = []
+    for attr in ("lora_A", "lora_embedding_A"):
+        holder = getattr(module, attr, None)
+        if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+            names += [n for n in holder.keys() if n not in names]
+    if not names and getattr(module, "lora_A", None) is not None:
+        names = [None]  # a hand-written LoRA layer: lora_A / lora_B are the weights themselves
+    return names
+
+
+@dataclass
+class LoraLayerRef:
+    """One LoRA update inside a live model: 2-D views (sharing storage) of its A (r, in) and B (out, r)."""
+
+    name: str  # as the model names it (named_modules), with [adapter] when several exist
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def lora_layers(model: torch.nn.Module) -> list[LoraLayerRef]:
+    """Every active LoRA update of ``model`` (a PeftModel, or any model whose layers carry lora_A/lora_B)."""
+    found = []
+    for name, module in model.named_modules():
+        adapters = _adapter_names(module)
+        if not adapters:
+            continue
+        active = getattr(module, "active_adapters", None)
+        if active is not None and not callable(active):
+            adapters = [a for a in adapters if a in active] or adapters
+        for adapter in adapters:
+            A = _tensor(getattr(module, "lora_A", None), adapter)
+            B = _tensor(getattr(module, "lora_B", None), adapter)
+            if A is None or B is None:
+                A = _tensor(getattr(module, "lora_embedding_A", None), adapter)
+                B = _tensor(getattr(module, "lora_embedding_B", None), adapter)
+            if A is None or B is None:
+                continue
+            if getattr(module, "merged", False):
+                raise RankscopeError(f"the LoRA update of {name} is merged into its base weights, so ranks cannot be "
+                                     "zeroed: expected an unmerged adapter (call unmerge_adapter() first)")
+            # Conv LoRA: A (r, in, kh, kw) -> (r, in·kh·kw), B (out, r, 1, 1) -> (out, r); views keep the storage.
+            A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+            if A2.data_ptr() != A.data_ptr() or B2.shape[1] != A2.shape[0]:
+                raise RankscopeError(f"{name} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, which do not chain: "
+                                     "expected A (r, in) and B (out, r)")
+            scaling = getattr(module, "scaling", 1.0)
+            scale = scaling.get(adapter, 1.0) if isinstance(scaling, dict) else float(scaling)
+            label = name if len(adapters) == 1 or adapter is None else f"{name}[{adapter}]"
+            found.append(LoraLayerRef(label, A2, B2, float(scale)))
+    return found
+
+
+def _layer_importance(layer: LoraLayerRef) -> np.ndarray:
+    return rank_importance(layer.A.float().cpu().numpy(), layer.B.float().cpu().numpy(), layer.scale)
+
+
+def match_checkpoint(layers: list[LoraLayerRef], checkpoint: Checkpoint) -> tuple[list[np.ndarray], list[str]]:
+    """Each model layer's importance from its checkpoint module, checking the adapter fits the model.
+
+    Returns the importances in the order of ``layers`` and notes for the reader. Raises a
+    :class:`RankscopeError` naming the first module that is missing on either side or whose shapes differ.
+    """
+    by_bare = {_bare(layer.name): layer for layer in layers}
+    by_name_only = {}
+    for key, layer in by_bare.items():
+        by_name_only.setdefault(key[0], []).append(layer)
+    importances: dict[int, np.ndarray] = {}
+    differ = []
+    for module in checkpoint.modules:
+        name, adapter = _bare(module.name)
+        candidates = [by_bare[(name, adapter)]] if (name, adapter) in by_bare else by_name_only.get(name, [])
+        if len(candidates) != 1:
+            where = f"{len(candidates)} LoRA layers" if candidates else "no LoRA layer"
+            raise RankscopeError(f"the adapter's module {module.name} matches {where} in the model: the adapter does not "
+                                 "fit this model (expected the same target modules as the base model the adapter was "
+                                 "loaded onto)")
+        layer = candidates[0]
+        if id(layer) in importances:
+            raise RankscopeError(f"the adapter names {name} twice: expected one LoRA pair per module")
+        model_shape = (layer.rank, layer.A.shape[1], layer.B.shape[0])
+        if model_shape != (module.rank, module.in_features, module.out_features):
+            raise RankscopeError(
+                f"the adapter's module {module.name} has rank {module.rank}, in {module.in_features}, out "
+                f"{module.out_features}, but the model's LoRA layer {layer.name} has rank {model_shape[0]}, in "
+                f"{model_shape[1]}, out {model_shape[2]}: the adapter does not fit this model"
+            )
+        A, B = module.A, module.B
+        values = rank_importance(A, B, module.scale, module.coefficients)
+        if not np.isfinite(values).all():
+            raise RankscopeError(f"the adapter's module {module.name} holds NaN or Inf: its ranks cannot be ordered")
+        importances[id(layer)] = values
+        live_A, live_B = layer.A.float().cpu().numpy(), layer.B.float().cpu().numpy()
+        if not (np.allclose(live_A, A, rtol=1e-2, atol=1e-6) and np.allclose(live_B, B, rtol=1e-2, atol=1e-6)):
+            differ.append(module.name)
+    unmatched = [layer.name for layer in layers if id(layer) not in importances]
+    if unmatched:
+        raise RankscopeError(f"the model's LoRA layer {unmatched[0]} has no module in the adapter "
+                             f"({len(unmatched)} such layers): the adapter does not fit this model")
+    notes = []
+    if differ:
+        notes.append(f"the adapter's weights differ from the model's loaded LoRA weights in {len(differ)} modules "
+                     f"(first: {differ[0]}): ranks are ordered by the adapter's importances")
+    return [importances[id(layer)] for layer in layers], notes
+
+
+def resolve_adapter(adapter: str | os.PathLike | Checkpoint | Series, step: int | None = None) -> Checkpoint:
+    """A checkpoint from a path, a Checkpoint or a run folder (its final adapter, or the snapshot at ``step``)."""
+    if isinstance(adapter, Checkpoint):
+        if step is not None and adapter.step != step:
+            raise RankscopeError(f"{adapter.path} is one checkpoint (step {adapter.step}), not a run folder: "
+                                 f"--step {step} needs a run folder with snapshots")
+        return adapter
+    found = adapter if isinstance(adapter, Series) else discover(adapter)
+    if isinstance(found, Series):
+        if step is not None:
+            return found.at_step(step)
+        if found.final is None:
+            raise RankscopeError(f"{found.path} is a run folder without a final adapter: choose a snapshot with "
+                                 f"--step (steps {found.steps})")
+        return found.final.load()
+    checkpoint = found.load()
+    if step is not None and checkpoint.step != step:
+        raise RankscopeError(f"{found.weights} is one checkpoint (step {checkpoint.step}), not a run folder: "
+                             f"--step {step} needs a run folder with snapshots")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+class Masker:
+    """Zero ranks (or truncate spectra) of every LoRA layer in place, and put the weights back bit-exactly."""
+
+    def __init__(self, layers: list[LoraLayerRef]):
+        self.layers = layers
+        # One saved copy of every A and B: restoring with copy_ is exact whatever was written.
+        self._saved = [(layer.A.clone(), layer.B.clone()) for layer in layers]
+        self._dirty = [False] * len(layers)
+        self._svd: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def drop(self, index: int, ranks: np.ndarray) -> None:
+        if len(ranks) == 0:
+            return
+        layer = self.layers[index]
+        idx = torch.as_tensor(ranks, dtype=torch.long, device=layer.A.device)
+        layer.A.index_fill_(0, idx, 0)
+        layer.B.index_fill_(1, idx, 0)
+        self._dirty[index] = True
+
+    @torch.no_grad()
+    def keep_spectral(self, index: int, keep: int) -> None:
+        """Replace the update by its best rank-``keep`` approximation (nothing to do when keep = r)."""
+        layer = self.layers[index]
+        if keep >= layer.rank:
+            return
+        if index not in self._svd:  # once per module: the SVD of the original update
+            A0, B0 = self._saved[index]
+            A_full, B_full = truncated_factors(A0, B0, layer.rank)
+            self._svd[index] = (A_full.to(A0.dtype), B_full.to(B0.dtype))
+        A_full, B_full = self._svd[index]
+        layer.A.zero_()
+        layer.B.zero_()
+        layer.A[:keep] = A_full[:keep]
+        layer.B[:, :keep] = B_full[:, :keep]
+        self._dirty[index] = True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for index, dirty in enumerate(self._dirty):
+            if dirty:
+                A0, B0 = self._saved[index]
+                self.layers[index].A.copy_(A0)
+                self.layers[index].B.copy_(B0)
+                self._dirty[index] = False
+
+    def is_restored(self) -> bool:
+        return all(torch.equal(layer.A, A0) and torch.equal(layer.B, B0)
+                   for layer, (A0, B0) in zip(self.layers, self._saved))
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class SweepPoint:
+    order: str  # "least", "most", "random" or "spectral"
+    fraction: float
+    seed: int | None
+    value: float
+
+
+@dataclass
+class SweepResult:
+    metric: str
+    baseline: float
+    points: list[SweepPoint]
+    higher_is_better: bool = True
+    modules: int = 0
+    ranks: list[int] = field(default_factory=list)
+    adapter: str | None = None
+    notes: list[str] = field(default_factory=list)
+    restored_value: float | None = None  # the metric re-measured after the sweep (None if not checked)
+    evaluations: int = 0  # evaluate() calls, baseline and check included
+
+    def curve(self, order: str, seed: int | None = None) -> list[tuple[float, float]]:
+        return [(p.fraction, p.value) for p in self.points if p.order == order and (seed is None or p.seed == seed)]
+
+    def value(self, order: str, fraction: float) -> float | None:
+        """The point's value, averaged over seeds for ``random``; None if the sweep has no such point."""
+        values = [p.value for p in self.points if p.order == order and abs(p.fraction - fraction) < 1e-12]
+        return float(np.mean(values)) if values else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "higher_is_better": self.higher_is_better,
+            "adapter": self.adapter,
+            "modules": self.modules,
+            "ranks": self.ranks,
+            "restored_value": self.restored_value,
+            "evaluations": self.evaluations,
+            "summary": self.summary_line(),
+            "notes": self.notes,
+            "points": [{"order": p.order, "fraction": p.fraction, "seed": p.seed, "value": p.value} for p in self.points],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        from .report import to_json
+
+        return to_json(self.to_dict(), indent=indent)
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["order", "fraction", "seed", "value"])
+        for p in self.points:
+            writer.writerow([p.order, repr(p.fraction), "" if p.seed is None else p.seed, repr(p.value)])
+        return buffer.getvalue()
+
+    def _cost(self, value: float) -> str:
+        """How much worse ``value`` is than the baseline, in points for accuracies."""
+        worse = (self.baseline - value) if self.higher_is_better else (value - self.baseline)
+        if self.metric == "accuracy" and -1e-9 <= self.baseline <= 1 + 1e-9:
+            return f"{_fmt(worse * 100)} points"
+        return f"{_fmt(worse)}"
+
+    def summary_line(self) -> str:
+        """e.g. "pruning the least important 50% of ranks costs 0.4 points; the most important 10% costs 31"."""
+        swept = sorted({p.fraction for p in self.points if p.fraction > 0})
+        inner = [f for f in swept if f < 1] or swept
+        tail = f"{self.metric} {_fmt(self.baseline)} unpruned" + ("" if self.higher_is_better else ", lower is better")
+        if not inner:
+            return f"no fraction above 0 was swept ({tail})"
+        have = {p.order for p in self.points}
+        parts = []
+        for order, target, words in (("least", 0.5, "the least important {} of ranks"), ("most", 0.1, "the most important {}"),
+                                     ("random", 0.5, "a random {}"), ("spectral", 0.5, "the weakest {} of singular directions")):
+            if order in have:
+                f = min(inner, key=lambda x: (abs(x - target), x))
+                parts.append(words.format(f"{f * 100:.0f}%") + f" costs {self._cost(self.value(order, f))}")
+        return "pruning " + "; ".join(parts) + f" ({tail})"
+
+    def save(self, out_dir: str | os.PathLike, title: str | None = None) -> list[Path]:
+        """Write ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``out_dir`` (each atomically)."""
+        from .atomic import write_text
+        from .sweep_plot import plot_sweep
+
+        out_dir = Path(out_dir)
+        paths = [out_dir / "sweep.json", out_dir / "sweep.csv"]
+        write_text(paths[0], self.to_json() + "\n")
+        write_text(paths[1], self.to_csv())
+        paths.append(plot_sweep(self.to_dict(), out_dir / "sweep.png", title=title))
+        return paths
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    x += 0.0  # -0.0 prints as 0
+    return f"{x:.2g}" if abs(x) < 1 else f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    from tqdm import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc="sweeping", unit="point", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def _plan(fractions: Sequence[float], orders: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, float, int | None]]:
+    plan = []
+    for order in orders:
+        for seed in (seeds if order == "random" else [None]):
+            plan += [(order, f, seed) for f in fractions]
+    return plan
+
+
+def _check_fractions(fractions: Iterable[float]) -> list[float]:
+    out = []
+    for f in fractions:
+        f = float(f)
+        if not 0.0 <= f <= 1.0:
+            raise RankscopeError(f"fraction {f:g} is outside [0, 1]: expected fractions of each module's ranks to prune")
+        out.append(f)
+    if not out:
+        raise RankscopeError("no fractions given: expected for example 0,0.1,...,1")
+    return sorted(set(out))
+
+
+def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Series | None,
+          evaluate: Callable[[torch.nn.Module], float], fractions: Sequence[float] = DEFAULT_FRACTIONS,
+          orders: Sequence[str] = RANK_ORDERS, seeds: int | Sequence[int] = 3, spectral: bool = True,
+          progress: bool | None = None, metric: str | None = None, higher_is_better: bool = True,
+          step: int | None = None, check_restore: bool = True) -> SweepResult:
+    """Prune each module's least / most / random ranks (and spectral directions) at each fraction and evaluate.
+
+    ``model`` carries the adapter's LoRA layers (a PeftModel, or any model whose layers have
+    lora_A/lora_B); ``adapter`` is the checkpoint it was loaded from (path, run folder, Checkpoint),
+    or None to rank by the model's own LoRA weights. ``evaluate(model) -> float`` must be
+    deterministic: the model is put in eval mode, and identical masks (f=0, f=1 for every order)
+    are evaluated once. Masking is in place, under no_grad, and every weight is restored bit-exactly.
+    """
+    orders = list(dict.fromkeys(list(orders) + (["spectral"] if spectral else [])))
+    for order in orders:
+        if order not in ORDERS:
+            raise RankscopeError(f"unknown order {order!r}: expected some of {', '.join(ORDERS)}")
+    fractions = _check_fractions(fractions)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if "random" in orders and not seed_list:
+        raise RankscopeError("order 'random' needs at least one seed")
+    layers = lora_layers(model)
+    if not layers:
+        raise RankscopeError(f"{type(model).__name__} has no LoRA layers: expected a PeftModel with the adapter loaded")
+    notes: list[str] = []
+    checkpoint = None
+    if adapter is not None:
+        checkpoint = resolve_adapter(adapter, step)
+        importances, notes = match_checkpoint(layers, checkpoint)
+        if "spectral" in orders and any(m.E is not None for m in checkpoint.modules):
+            # AdaLoRA's update is B diag(E) A: truncating B A alone would not be its spectrum.
+            orders.remove("spectral")
+            notes.append("AdaLoRA adapter: the spectral family is skipped (its update is B·diag(E)·A)")
+    else:
+        importances = [_layer_importance(layer) for layer in layers]
+    metric = metric or getattr(evaluate, "__name__", None) or "metric"
+    if metric == "<lambda>":
+        metric = "metric"
+
+    was_training = model.training
+    model.eval()
+    masker = Masker(layers)
+    cache: dict[Any, float] = {}
+    evaluations = 0
+
+    def measure() -> float:
+        nonlocal evaluations
+        evaluations += 1
+        with torch.no_grad():
+            value = evaluate(model)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RankscopeError(f"evaluate returned {type(value).__name__} {value!r}: expected a number") from None
+
+    unpruned = ("rank", tuple(() for _ in layers))
+    everything = ("rank", tuple(tuple(range(layer.rank)) for layer in layers))
+    points: list[SweepPoint] = []
+    try:
+        baseline = cache[unpruned] = measure()
+        plan = _plan(fractions, orders, seed_list)
+        with _progress_bar(len(plan), progress) as bar:
+            for order, fraction, seed in plan:
+                if order == "spectral":
+                    drops = [drop_count(layer.rank, fraction) for layer in layers]
+                    key = (unpruned if not any(drops) else everything if all(d == layer.rank for d, layer in zip(drops, layers))
+                           else ("spectral", tuple(drops)))
+                else:
+                    chosen = [ranks_to_drop(imp, fraction, order,
+                                            np.random.default_rng([seed, i]) if order == "random" else None)
+                              for i, imp in enumerate(importances)]
+                    key = ("rank", tuple(tuple(c.tolist()) for c in chosen))
+                if key not in cache:
+                    try:
+                        for i, layer in enumerate(layers):
+                            if order == "spectral":
+                                masker.keep_spectral(i, layer.rank - drops[i])
+                            else:
+                                masker.drop(i, chosen[i])
+                        cache[key] = measure()
+                    finally:
+                        masker.restore()
+                points.append(SweepPoint(order, fraction, seed, cache[key]))
+                bar.update(1)
+        restored_value = measure() if check_restore else None
+    finally:
+        masker.restore()
+        model.train(was_training)
+    if not masker.is_restored():  # cannot happen through the masker; evaluate itself changed the LoRA weights
+        notes.append("the LoRA weights differ from the originals after the sweep: evaluate() must not train the model")
+    if restored_value is not None and restored_value != baseline:
+        notes.append(f"the metric after restoring ({restored_value!r}) differs from the baseline ({baseline!r}) although "
+                     "the weights are identical: evaluate() is not deterministic (dropout, sampling, shuffling?)")
+    return SweepResult(
+        metric=metric, baseline=baseline, points=points, higher_is_better=higher_is_better, modules=len(layers),
+        ranks=sorted({layer.rank for layer in layers}),
+        adapter=str(checkpoint.path) if checkpoint is not None else None, notes=notes,
+        restored_value=restored_value, evaluations=evaluations,
+    )
+
+
+__all__ = ["SCHEMA", "ORDERS", "RANK_ORDERS", "DEFAULT_FRACTIONS", "sweep", "SweepResult", "SweepPoint",
+           "ranks_to_drop", "drop_count", "truncated_factors", "lora_layers", "LoraLayerRef", "match_checkpoint",
+           "resolve_adapter", "Masker"]
+
+
+class _CallableModule(types.ModuleType):
+    """``import rankscope.sweep`` binds this module to ``rankscope.sweep``, shadowing the lazy function;
+    making the module callable keeps ``rankscope.sweep(model, adapter, evaluate)`` working either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SweepResult:
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,49 @@
+"""The sweep plot: metric against fraction of ranks pruned, one line per order (the paper's Figures 1 and 4)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .plotting import _pyplot, save_figure
+
+_STYLE = {
+    "least": ("C0", "-o", "least important first"),
+    "most": ("C3", "-s", "most important first"),
+    "random": ("C7", "-^", "random"),
+    "spectral": ("C2", "--d", "weakest singular directions first"),
+}
+
+
+def plot_sweep(document: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Plot a ``rankscope/sweep-v1`` document; random is its mean over seeds with the min–max band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for p in document["points"]:
+        if p["value"] is not None:
+            series[p["order"]][p["fraction"]].append(p["value"])
+    for order in sorted(series, key=lambda o: list(_STYLE).index(o) if o in _STYLE else len(_STYLE)):
+        color, style, label = _STYLE.get(order, ("C4", "-x", order))
+        fractions = sorted(series[order])
+        x = np.array(fractions) * 100
+        values = [series[order][f] for f in fractions]
+        mean = np.array([np.mean(v) for v in values])
+        seeds = max(len(v) for v in values)
+        if seeds > 1:
+            label += f" (mean, min–max over {seeds} seeds)"
+            ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2, lw=0)
+        ax.plot(x, mean, style, color=color, label=label, markersize=4)
+    if document.get("baseline") is not None:
+        ax.axhline(document["baseline"], color="grey", lw=0.8, ls=":", label="unpruned")
+    ax.set_xlabel("ranks pruned in every module (%)")
+    ax.set_ylabel(document["metric"] + ("" if document.get("higher_is_better", True) else " (lower is better)"))
+    ax.set_xlim(-2, 102)
+    ax.set_title(title or "Pruning ranks by importance")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
