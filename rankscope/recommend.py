@@ -15,9 +15,9 @@ method, within the budget). Nearly flat importances prune (1 − p)·N ranks (+1
 p_init ≈ 1 − target_share; the more unequal the importances, the more small ranks share the last
 (1 − p) of the mass, so the same p prunes more ranks and p_init comes out higher.
 
-Δt. Operations run until end_step = ⅔ of total_steps (the official schedule); Δt = end_step / 5
-gives about five operations, but the first operation (at step Δt) should not come before the rank
-ordering has stabilised (``dynamics.stable_from``), so Δt = max(end_step / 5, stable step).
+Δt. Operations run until end_step = ⅔ of total_steps (the official schedule), strictly before it (p
+reaches 1 there); Δt = end_step / 6 gives five operations, but the first operation (at step Δt) should not come before the rank
+ordering has stabilised (``dynamics.stable_from``), so Δt = max(end_step / 6, stable step).
 total_steps defaults to 3 × the run's last step. Assumption when total_steps differs from the
 observed run: the observed run is a shortened copy of the long one with the same schedule shape,
 so its ordering stabilises at the same *fraction* of training; stable_from is scaled by
@@ -31,6 +31,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from beamlora import selection  # numpy only: the same cut and schedule the trainer runs
 
 from .dynamics import STABLE_THRESHOLD, band, dynamics, usable
 from .errors import RankscopeError
@@ -54,15 +56,8 @@ def last_importances(document: dict[str, Any]) -> tuple[int | None, list[tuple[s
 
 def global_cut(importances: list[np.ndarray], p: float) -> np.ndarray:
     """Ranks pruned per module by BeamLoRA's global top-p cut (each module scaled to mean 1 first)."""
-    scaled = [x / x.mean() for x in importances]
-    values = np.concatenate(scaled)
-    owner = np.repeat(np.arange(len(scaled)), [x.size for x in scaled])
-    order = np.argsort(-values, kind="stable")
-    cumulative = np.cumsum(values[order]) / values.sum()
-    # Pruned: every rank at or after the first whose cumulative mass reaches p (the crossing one too);
-    # the tolerance keeps an exact k/N == p from flipping on rounding.
-    pruned = order[cumulative >= p - 1e-12]
-    return np.bincount(owner[pruned], minlength=len(scaled))
+    masks = selection.global_cut([x / x.mean() for x in importances], p)
+    return np.array([int(m.sum()) for m in masks])
 
 
 def candidates(importances: list[np.ndarray], grid: tuple[float, ...] = P_GRID) -> list[dict[str, Any]]:
@@ -94,11 +89,9 @@ def choose_p_init(table: list[dict[str, Any]], total_ranks: int, target: float) 
     return table[-1], False
 
 
-def p_at(t: float, p_init: float, end_step: float) -> float:
-    """The official dynamic threshold: cosine from p_init at t = 0 to 1 at end_step."""
-    if t >= end_step:
-        return 1.0
-    return p_init + 0.5 * (1 - p_init) * (1 - math.cos(math.pi * t / end_step))
+def operation_steps(delta_t: int, end_step: int, total_steps: int) -> list[int]:
+    """The steps BeamLoRA operates at: multiples of Δt before end_step, with Δt steps still to go."""
+    return [t for t in range(delta_t, end_step, delta_t) if t + delta_t <= total_steps]
 
 
 def _observed_last_step(steps: list[int | None]) -> int | None:
@@ -107,9 +100,9 @@ def _observed_last_step(steps: list[int | None]) -> int | None:
 
 
 def choose_delta_t(stable_step: int | None, observed: int | None, total_steps: int, scale: bool) -> dict[str, Any]:
-    """Δt = max(end_step / 5, stable step in the long run's units); and how many operations then fit."""
+    """Δt = max(end_step / 6, stable step in the long run's units); and how many operations then fit."""
     end_step = int(round(END_FRACTION * total_steps))
-    base = end_step / OPERATIONS
+    base = end_step / (OPERATIONS + 1)  # operations run strictly before end_step, where p reaches 1
     stable_long = None
     if stable_step is not None:
         stable_long = stable_step * total_steps / observed if scale and observed else float(stable_step)
@@ -117,7 +110,7 @@ def choose_delta_t(stable_step: int | None, observed: int | None, total_steps: i
     delta_t = max(1, min(int(math.ceil(delta_t - 1e-9)), end_step)) if end_step >= 1 else 1
     return {"end_step": end_step, "base": base, "stable_long": stable_long, "delta_t": delta_t,
             "bound_by_stability": stable_long is not None and stable_long > base,
-            "operations": end_step // delta_t if delta_t else 0}
+            "operations": len(operation_steps(delta_t, end_step, total_steps))}
 
 
 def recommend(document: dict[str, Any], total_steps: int | None = None, *, target_share: float = TARGET_SHARE,
@@ -166,8 +159,8 @@ def recommend(document: dict[str, Any], total_steps: int | None = None, *, targe
                         f"end_step {timing['end_step']}: no operation fits; train longer or move end_step")
     if dyn["stable_from_index"] is not None and stable_step is None:
         warnings.append("the snapshots carry no step numbers: the stabilisation point cannot be placed, so Δt "
-                        "comes from end_step / 5 alone")
-    schedule = _schedule(importances, p_init, timing["delta_t"], timing["end_step"])
+                        "comes from end_step / 6 alone")
+    schedule = _schedule(importances, p_init, timing["delta_t"], timing["end_step"], int(total_steps))
     return {
         "schema": "rankscope/recommend-v1",
         "p_init": p_init,
@@ -206,7 +199,7 @@ def _flatness_reason(sep: dict[str, Any], table: list[dict[str, Any]], p_init: f
 def _delta_t_reasons(timing: dict[str, Any], stable_step: int | None, first_step: int | None, observed: int | None,
                      total_steps: int, scale: bool, threshold: float) -> list[str]:
     reasons = [f"end_step {timing['end_step']} = ⅔ of {total_steps} steps (operations only in the first two thirds)"]
-    reasons.append(f"about {OPERATIONS} operations: end_step / {OPERATIONS} = {timing['base']:.0f} steps")
+    reasons.append(f"{OPERATIONS} operations strictly before end_step: end_step / {OPERATIONS + 1} = {timing['base']:.0f} steps")
     if stable_step is None:
         reasons.append(f"no stable ordering observed (median Spearman never stayed ≥ {threshold:g}): Δt is not held "
                        "back by stabilisation")
@@ -246,17 +239,14 @@ def _data_warnings(dyn: dict[str, Any], threshold: float) -> list[str]:
     return warnings
 
 
-def _schedule(importances: list[np.ndarray], p_init: float, delta_t: int, end_step: int) -> list[dict[str, Any]]:
-    """Planned operations k·Δt ≤ end_step with p(t), and what that cut would prune on the final importances."""
+def _schedule(importances: list[np.ndarray], p_init: float, delta_t: int, end_step: int, total_steps: int) -> list[dict[str, Any]]:
+    """Planned operations (as the controller runs them) with p(t), and what that cut would prune on the final importances."""
     out = []
-    t = delta_t
-    while t <= end_step and len(out) < 1000:
-        p = p_at(t, p_init, end_step)
-        pruned = int(global_cut(importances, p).sum()) if p < 1 else 0
-        out.append({"step": t, "p": p, "pruned_estimate": pruned})
-        t += delta_t
+    for t in operation_steps(delta_t, end_step, total_steps)[:1000]:
+        p = selection.top_p(t, p_init, end_step)
+        out.append({"step": t, "p": p, "pruned_estimate": int(global_cut(importances, p).sum())})
     return out
 
 
-__all__ = ["recommend", "global_cut", "candidates", "choose_p_init", "choose_delta_t", "p_at", "P_GRID",
+__all__ = ["recommend", "global_cut", "candidates", "choose_p_init", "choose_delta_t", "operation_steps", "P_GRID",
            "TARGET_SHARE"]

@@ -1,0 +1,79 @@
+"""What ``--out DIR`` holds for each command: JSON, plots and ``report.html``, each written atomically.
+
+The commands in ``cli.py`` only parse options and print; these functions decide the files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_text
+from .errors import RankscopeError
+from .html_report import Section, write_report
+from .report import summary_lines, to_json
+
+
+def temporal_view(document: dict[str, Any], total_steps: int | None = None) -> tuple[dict | None, dict | None, list[str]]:
+    """Dynamics and a recommendation for a series (None for a single snapshot), with their summary lines."""
+    if len(document.get("snapshots", [])) < 2:
+        return None, None, []
+    from .dynamics import dynamics, dynamics_summary_lines
+    from .recommend import recommend
+
+    dyn = dynamics(document, include_trajectories=False)
+    notes = []
+    try:
+        rec = recommend(document, total_steps=total_steps)
+    except RankscopeError as e:  # e.g. no step numbers: the dynamics still stand on their own
+        rec, notes = None, [f"  recommend      not possible: {e}"]
+    return dyn, rec, dynamics_summary_lines(dyn, rec) + notes
+
+
+def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, lines: list[str],
+                   dyn: dict | None = None, rec: dict | None = None, module: str | None = None) -> list[Path]:
+    """analysis.json, deciles.png, heatmap.png, the temporal plots for a series, and report.html."""
+    from .plotting import plot_analysis
+
+    out_dir = Path(out_dir)
+    plots = plot_analysis(document, out_dir)
+    sections = [Section("Summary", summary_lines(document), plots)]
+    if dyn is not None:
+        from .dynamics_plot import plot_dynamics
+
+        temporal = plot_dynamics(document, out_dir, module=module, dyn=dyn)
+        plots += temporal
+        sections.append(Section("Over training", [], temporal))
+    if rec is not None:
+        sections.append(Section("Recommendation for a BeamLoRA run", recommendation_lines(rec)))
+    json_path = out_dir / "analysis.json"
+    write_text(json_path, to_json(document) + "\n")
+    report = write_report(out_dir / "report.html", f"rankscope: {document.get('path')}", sections,
+                          subtitle=f"{document.get('format')} · {len(document['snapshots'])} snapshot(s)")
+    return plots + [json_path, report]
+
+
+def recommendation_lines(rec: dict[str, Any]) -> list[str]:
+    lines = [f"p_init   {rec['p_init']:.2f}",
+             f"delta_t  {rec['delta_t']}   (end_step {rec['end_step']} of {rec['total_steps']} steps, "
+             f"{rec['operations']} operations)"]
+    lines += [f"because  {reason}" for reason in rec["reasons"]]
+    lines += [f"warning  {warning}" for warning in rec["warnings"]]
+    schedule = rec.get("schedule") or []
+    if schedule:
+        lines.append("schedule " + ", ".join(f"step {op['step']}: p {op['p']:.3f}" for op in schedule))
+    return lines
+
+
+def write_compare(result: dict[str, Any], out_dir: str | os.PathLike, lines: list[str]) -> list[Path]:
+    """compare.json, the overlay plots and report.html."""
+    from .compare import plot_compare
+
+    out_dir = Path(out_dir)
+    plots = plot_compare(result, out_dir)
+    json_path = out_dir / "compare.json"
+    write_text(json_path, to_json(result) + "\n")
+    labels = ", ".join(run["label"] for run in result["runs"])
+    report = write_report(out_dir / "report.html", f"rankscope compare: {labels}", [Section("Comparison", lines, plots)])
+    return plots + [json_path, report]
