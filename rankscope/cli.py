@@ -42,40 +42,176 @@ def cli() -> None:
     """
 
 
+def _echo(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
+def _finish(lines: list[str], json_text: str | None, json_target: str | None) -> None:
+    if json_target:
+        emit_json(json_text, json_target, lines)
+    else:
+        _echo(lines)
+
+
+def _written(paths: list[Path]) -> list[str]:
+    kinds = {".html": "report", ".json": "json", ".csv": "csv"}
+    return [f"  {kinds.get(p.suffix, 'plot'):<15}{p}" for p in paths]
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for plots (deciles.png, heatmap.png) and analysis.json.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Folder for analysis.json, plots (deciles, heatmap; for a run also rank_heatmap, spread_over_time, "
+                   "stability) and report.html.")
 @click.option("--json", "json_target", metavar="FILE|-", help="Write the analysis as JSON to FILE, or to stdout with '-'.")
 @click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), help="Force the checkpoint format instead of detecting it.")
 @click.option("--spectrum/--no-spectrum", default=True, show_default=True,
               help="Also compute each update's singular values (basis-independent view).")
+@click.option("--module", metavar="NAME", help="For a run: the module whose ranks are drawn over time (default: the most unequal).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
 def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: str | None, spectrum: bool,
-            progress: bool | None) -> None:
+            module: str | None, progress: bool | None) -> None:
     """Per-rank importance of every LoRA module in PATH.
 
     PATH is a checkpoint file, an adapter folder, or a run folder of snapshots
     (checkpoint-N/, step-N/, mlx-lm NNNNNNN_adapters.safetensors). Importance of rank i is
     ‖scale·b_i a_iᵀ‖_F = scale·‖b_i‖·‖a_i‖, in float64, in the checkpoint's rank order.
+    For a run it adds the view over training: spread per step, rank-order stability, the step
+    from which the order is stable, BeamLoRA operations, and a p_init / Δt recommendation.
     """
     from .analysis import analyze as run_analysis
+    from .outputs import temporal_view
     from .report import summary_lines, to_json
 
     document = run_analysis(path, format=format_, spectrum=spectrum, progress=progress)
-    lines = summary_lines(document)
+    dyn, rec, temporal_lines = temporal_view(document)
+    if dyn is not None:
+        document["dynamics"] = dyn
+    lines = summary_lines(document) + temporal_lines
+    if out_dir is not None:
+        from .outputs import write_analysis
+
+        lines += _written(write_analysis(document, out_dir, lines, dyn, rec, module))
+    _finish(lines, to_json(document) if json_target else None, json_target)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--total-steps", type=click.IntRange(min=3), help="Steps of the long run to plan (default: 3 × this run's last step).")
+@click.option("--json", "json_target", metavar="FILE|-", help="Write the recommendation as JSON to FILE, or to stdout with '-'.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for recommend.json, plots and report.html.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
+def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, out_dir: Path | None,
+              progress: bool | None) -> None:
+    """p_init and Δt for a longer BeamLoRA run, from a short run's snapshots.
+
+    RUN_DIR is a run folder (or an analysis.json written by `rankscope analyze`). p_init is
+    the smallest p whose top-p cut operates on few ranks of the observed importances; Δt puts
+    five operations before end_step (⅔ of the run) but not before the rank order stabilises.
+    Every number comes with its reason, and warnings say when the run cannot tell.
+    """
+    from .analysis import analyze_or_read
+    from .outputs import recommendation_lines, temporal_view
+    from .recommend import recommend as run_recommend
+    from .report import to_json
+
+    document = analyze_or_read(run_dir, progress=progress)
+    rec = run_recommend(document, total_steps=total_steps)
+    lines = [f"recommendation for a BeamLoRA run like {document.get('path')}"] + ["  " + x for x in recommendation_lines(rec)]
     if out_dir is not None:
         from .atomic import write_text
-        from .plotting import plot_analysis
+        from .outputs import write_analysis
 
-        for plot in plot_analysis(document, out_dir):
-            lines.append(f"  plot           {plot}")
-        write_text(out_dir / "analysis.json", to_json(document) + "\n")
-        lines.append(f"  json           {out_dir / 'analysis.json'}")
-    if json_target:
-        emit_json(to_json(document), json_target, lines)
-    else:
-        for line in lines:
-            click.echo(line)
+        dyn, _, temporal_lines = temporal_view(document, total_steps)
+        write_text(out_dir / "recommend.json", to_json(rec) + "\n")
+        lines += _written([out_dir / "recommend.json"] + write_analysis(document, out_dir, temporal_lines, dyn, rec))
+    _finish(lines, to_json(rec) if json_target else None, json_target)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--labels", help="Comma-separated names for the runs, in order (default: folder names).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for compare.json, overlaid plots and report.html.")
+@click.option("--json", "json_target", metavar="FILE|-", help="Write the comparison as JSON to FILE, or to stdout with '-'.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
+def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, json_target: str | None,
+            progress: bool | None) -> None:
+    """Compare how evenly two or more runs spread importance over their ranks.
+
+    Each PATH is an adapter, a run folder (its last snapshot is compared) or an analysis.json.
+    Reports decile curves, effective rank / r and top-10% share per run, a Mann-Whitney test
+    across modules for each pair, and overlays sweep curves where a sweep.json sits beside a run
+    (the paper's Figure 4: with more ranks mattering, accuracy falls faster under pruning).
+    """
+    from .compare import compare as run_compare, compare_lines, load_run_for_compare
+    from .report import to_json
+
+    if len(paths) < 2:
+        raise RankscopeError(f"{len(paths)} path given: expected at least two runs to compare")
+    names = [x.strip() for x in labels.split(",")] if labels else None
+    if names is not None and len(names) != len(paths):
+        raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
+    loaded = [load_run_for_compare(p) for p in paths]
+    result = run_compare([doc for doc, _ in loaded], names, [sweep for _, sweep in loaded])
+    lines = compare_lines(result)
+    if out_dir is not None:
+        from .outputs import write_compare
+
+        lines += _written(write_compare(result, out_dir, lines))
+    _finish(lines, to_json(result) if json_target else None, json_target)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RankscopeError(f"--fractions {text!r}: expected comma-separated numbers in [0, 1], e.g. 0,0.1,0.5,1") from None
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", help="Base model: minilm, smollm2 or a local folder (default: the run's own).")
+@click.option("--data", help="rotten-tomatoes, a .csv/.jsonl with text and label, or a .txt/.jsonl text file for loss "
+                             "(default: the run's own data and held-out split).")
+@click.option("--metric", type=click.Choice(["accuracy", "loss", "perplexity"]), default="accuracy", show_default=True)
+@click.option("--fractions", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", show_default=True,
+              help="Fractions of each module's ranks to prune.")
+@click.option("--order", "orders", default="least,most,random", show_default=True,
+              help="Which ranks go first: least, most (by importance), random.")
+@click.option("--spectral/--no-spectral", default=True, show_default=True,
+              help="Also keep each module's top singular directions of scale·B A (basis-independent curve).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds for the random order.")
+@click.option("--step", type=int, help="For a run folder: sweep the snapshot at this step instead of the final adapter.")
+@click.option("--examples", type=click.IntRange(min=1), help="Evaluate on only the first N held-out examples (faster).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder for sweep.json, sweep.csv and sweep.png.")
+@click.option("--json", "json_target", metavar="FILE|-", help="Also write the sweep JSON to FILE, or to stdout with '-'.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar over points (default: when stderr is a terminal).")
+def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, fractions: str, orders: str,
+          spectral: bool, seeds: int, step: int | None, examples: int | None, out_dir: Path, json_target: str | None,
+          progress: bool | None) -> None:
+    """Prune each module's least / most / random important ranks and measure the metric.
+
+    At each fraction f every module loses its round(f·r) ranks (per-module order, as in the
+    paper), the model is evaluated, and the weights are restored exactly (no reload). ADAPTER
+    is a PEFT adapter or a run folder (its final adapter, or --step N).
+    """
+    from beamlora.train import read_run_config
+
+    from .sweep import resolve_adapter, sweep as run_sweep
+    from .sweep_task import build_task
+
+    checkpoint = resolve_adapter(adapter, step)
+    run_config = read_run_config(adapter) if adapter.is_dir() else None
+    task = build_task(checkpoint, model_spec, data, metric, examples, run_config)
+    result = run_sweep(task.model, checkpoint, task.evaluate, fractions=_fractions(fractions),
+                       orders=[o.strip() for o in orders.split(",") if o.strip()], seeds=seeds, spectral=spectral,
+                       progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
+    paths = result.save(out_dir, title=f"{adapter.name}: {task.description}")
+    lines = [f"sweep: {checkpoint.path.parent} on {task.description}", f"  {result.summary_line()}"]
+    lines += [f"  note           {note}" for note in result.notes] + _written(paths)
+    _finish(lines, result.to_json() if json_target else None, json_target)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except RankscopeError as e:
         click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except ImportError as e:  # an optional part (plots, models) is not installed
+        click.echo(f"Error: {e}; expected it installed (`make setup` or pip install -e .)", err=True)
         sys.exit(2)
     except OSError as e:  # permission denied, disk full, ...: say what and where
         click.echo(f"Error: {e.strerror or e} ({e.filename or 'no file named'})", err=True)

@@ -1,0 +1,311 @@
+"""``beamlora train``: LoRA or BeamLoRA on a real model and real data with ``transformers.Trainer``.
+
+Reads top to bottom: data → split → model → LoRA → (BeamLoRA) → Trainer with callbacks →
+final adapter. The run folder holds ``config.json`` (enough to rerun), ``metrics.jsonl`` (held-out
+metrics at each evaluation), ``step-NNNNNN/`` snapshots, ``events.jsonl`` (BeamLoRA) and
+``final/`` (a plain PEFT adapter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rankscope.atomic import write_json, write_text
+
+from .data import TextDataset, load_data, majority_rate, split
+from .errors import BeamLoraError
+
+METHODS = ("lora", "beamlora")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. The defaults are the embedded default task (a few minutes on 2 CPU cores).
+
+    Args:
+        model: "minilm" (sequence classification), "smollm2" (causal LM: prompt, label word as
+            target) or a local folder with a transformers model.
+        data: "rotten-tomatoes" or a .csv/.jsonl file with text and label columns.
+        method: "lora" or "beamlora".
+        targets: LoRA target modules; None picks the model's attention projections.
+        held_out: examples kept out of training for evaluation (a fixed, seeded split).
+        eval_every / snapshot_every: steps between held-out evaluations / adapter snapshots.
+    """
+
+    model: str = "minilm"
+    data: str = "rotten-tomatoes"
+    method: str = "beamlora"
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list[str] | None = None
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 5e-4
+    p_init: float = 0.95
+    delta_t: int = 50
+    temperature: float = 0.05
+    scope: str = "global"
+    optimizer_state: str = "history"
+    snapshot_every: int | None = 50
+    eval_every: int | None = 100
+    seed: int = 0
+    held_out: int = 1000
+    max_length: int = 64
+    out: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BeamLoraError(f"method {self.method!r}, expected one of {', '.join(METHODS)}")
+        for name in ("rank", "steps", "batch_size", "held_out", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise BeamLoraError(f"{name}={value!r}, expected a positive integer")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BeamLoraError(f"lr={self.lr!r}, expected a positive number")
+        if self.alpha <= 0:
+            raise BeamLoraError(f"alpha={self.alpha!r}, expected a positive number")
+        if self.max_length < 8:
+            raise BeamLoraError(f"max_length={self.max_length}, expected at least 8 tokens")
+
+    def beamlora_config(self, output_dir: Path):
+        from .config import BeamLoraConfig
+
+        return BeamLoraConfig(p_init=self.p_init, delta_t=self.delta_t, total_steps=self.steps,
+                              temperature=self.temperature, scope=self.scope, optimizer_state=self.optimizer_state,
+                              seed=self.seed, snapshot_every=self.snapshot_every, output_dir=output_dir)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    task: str  # "classification" or "causal"
+    accuracy: float  # held-out accuracy at the end
+    majority_rate: float  # accuracy of always answering the most common held-out label
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    events: int = 0
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def task_of(model_spec: str) -> str:
+    """Causal LM for SmolLM2 and local *ForCausalLM folders, sequence classification otherwise."""
+    name = str(model_spec).strip().lower()
+    if name == "smollm2":
+        return "causal"
+    if name == "minilm":
+        return "classification"
+    config = Path(model_spec).expanduser() / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        architectures = []
+    return "causal" if any(a.endswith("ForCausalLM") for a in architectures) else "classification"
+
+
+class _Encoded:
+    """A torch Dataset of tokenised examples (built lazily by the collators' needs)."""
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def encode_classification(dataset: TextDataset, tokenizer: Any, max_length: int) -> _Encoded:
+    enc = tokenizer(dataset.texts, truncation=True, max_length=max_length)
+    return _Encoded([{"input_ids": ids, "attention_mask": mask, "labels": label}
+                     for ids, mask, label in zip(enc["input_ids"], enc["attention_mask"], dataset.labels)])
+
+
+def encode_causal(dataset: TextDataset, tokenizer: Any, max_length: int) -> _Encoded:
+    """Prompt then the label word; the loss falls on the label word only."""
+    from .models import causal_prompt, label_word_ids
+
+    words = label_word_ids(tokenizer, dataset.label_names)
+    items = []
+    for text, label in zip(dataset.texts, dataset.labels):
+        prompt = tokenizer(causal_prompt(text))["input_ids"][-(max_length - 1):]  # keep "Sentiment:" at the end
+        items.append({"input_ids": prompt + [words[label]], "labels": [-100] * len(prompt) + [words[label]]})
+    return _Encoded(items)
+
+
+def causal_collator(pad_id: int) -> Callable[[list[dict]], dict]:
+    def collate(batch: list[dict]) -> dict:
+        import torch
+
+        width = max(len(x["input_ids"]) for x in batch)
+        pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+        return {"input_ids": torch.tensor([pad(x["input_ids"], pad_id) for x in batch]),
+                "attention_mask": torch.tensor([pad([1] * len(x["input_ids"]), 0) for x in batch]),
+                "labels": torch.tensor([pad(x["labels"], -100) for x in batch])}
+    return collate
+
+
+def classification_metrics(model: Any, encoded: _Encoded, collate: Callable, batch_size: int = 64) -> dict[str, float]:
+    """Held-out accuracy and mean cross-entropy, in eval mode and without gradients."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                batch = {k: v.to(device) for k, v in collate(encoded.items[start:start + batch_size]).items()}
+                out = model(**batch)
+                labels = batch["labels"]
+                correct += int((out.logits.argmax(-1) == labels).sum())
+                loss_sum += float(torch.nn.functional.cross_entropy(out.logits.float(), labels, reduction="sum"))
+                n += len(labels)
+    finally:
+        model.train(was_training)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _prepare_run_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise BeamLoraError(f"{path} already exists and is not empty; expected a new run folder "
+                                "(or pass --overwrite)")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> RunResult:
+    """Run one training job into ``config.out`` and return its held-out result."""
+    # Data first: bad input fails in a second, before any model loads.
+    dataset = load_data(config.data)
+    if len(dataset) <= config.held_out + config.batch_size:
+        raise BeamLoraError(f"{config.data}: {len(dataset)} examples, expected more than held_out={config.held_out} "
+                            f"+ one batch of {config.batch_size}")
+    train_set, held_out = split(dataset, config.held_out, config.seed)
+    task = task_of(config.model)
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    from . import models
+    from .callbacks import BeamLoraCallback, SnapshotCallback
+    from .snapshots import write_adapter
+
+    set_seed(config.seed)
+    if task == "classification":
+        model, tokenizer = models.load_classifier(config.model, len(dataset.label_names), seed=config.seed)
+    else:
+        model, tokenizer = models.load_causal_lm(config.model)
+    targets = config.targets or models.default_targets(model)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0,
+                      task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
+        raise BeamLoraError(f"--targets {','.join(targets)}: {str(e).splitlines()[0]}") from None
+
+    run_dir = Path(config.out)
+    _prepare_run_dir(run_dir, overwrite)
+    write_json(run_dir / "config.json", {**dataclasses.asdict(config), "targets": targets, "task": task,
+                                         "train_examples": len(train_set), "held_out_examples": len(held_out),
+                                         "label_names": dataset.label_names, "versions": _versions()})
+
+    if task == "classification":
+        train_data = encode_classification(train_set, tokenizer, config.max_length)
+        eval_data = encode_classification(held_out, tokenizer, config.max_length)
+        collate = DataCollatorWithPadding(tokenizer)
+        evaluate = lambda m: classification_metrics(m, eval_data, collate)  # noqa: E731
+    else:
+        train_data = encode_causal(train_set, tokenizer, config.max_length)
+        collate = causal_collator(tokenizer.pad_token_id)
+        evaluate = lambda m: {"accuracy": models.causal_accuracy(m, tokenizer, held_out,  # noqa: E731
+                                                                 max_length=config.max_length)}
+
+    callbacks: list[Any] = []
+    controller = None
+    if config.method == "beamlora":
+        from .controller import attach
+
+        controller = attach(model, config.beamlora_config(run_dir))
+        callbacks.append(BeamLoraCallback(controller))
+    elif config.snapshot_every:
+        callbacks.append(SnapshotCallback(config.snapshot_every, run_dir))
+
+    metrics: list[dict[str, Any]] = []
+
+    class HeldOut(TrainerCallback):
+        """Held-out metrics every eval_every steps and at the end, appended to metrics.jsonl."""
+
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if (config.eval_every and state.global_step % config.eval_every == 0) or state.global_step == config.steps:
+                record = {"step": state.global_step, **evaluate(kwargs["model"])}
+                if self.losses:
+                    record["train_loss"] = sum(self.losses) / len(self.losses)
+                    self.losses = []
+                metrics.append(record)
+                write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+    callbacks.append(HeldOut())
+    args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        seed=config.seed, data_seed=config.seed, save_strategy="no", logging_steps=max(1, min(10, config.steps // 10)),
+        report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=train_data, data_collator=collate, callbacks=callbacks)
+    trainer.train()
+    shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # nothing is saved there without checkpoints
+
+    if controller is not None:
+        controller.export(run_dir / "final")
+    else:
+        write_adapter(model, run_dir / "final")
+    tokenizer.save_pretrained(str(run_dir / "final"))
+    final = metrics[-1]
+    return RunResult(run_dir=run_dir, task=task, accuracy=final["accuracy"], majority_rate=majority_rate(held_out),
+                     metrics=metrics, events=len(controller.events) if controller else 0)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``config.json`` a ``beamlora train`` run wrote, or None for folders made by other tools."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "method" in data and "held_out" in data else None

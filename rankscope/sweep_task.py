@@ -1,0 +1,187 @@
+"""The evaluations behind ``rankscope sweep``: a base model with the adapter loaded, and a metric.
+
+Built-in tasks: held-out accuracy (or loss) on the classification default (MiniLM, SmolLM2 as a
+causal LM with label words, or a local model), and loss / perplexity of a causal LM on a text
+or JSONL file. For a ``beamlora train`` run folder, the model, data and held-out split default to
+the ones the run used, so the sweep evaluates on exactly the examples training never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import RankscopeError
+from .loading import Checkpoint
+
+METRICS = ("accuracy", "loss", "perplexity")
+
+
+@dataclass
+class SweepTask:
+    model: Any
+    evaluate: Callable[[Any], float]
+    metric: str
+    higher_is_better: bool
+    description: str
+
+
+def _beamlora_error(fn: Callable, *args, **kwargs):
+    """Call into beamlora, turning its one-line errors into ours (same wording, same exit)."""
+    from beamlora.errors import BeamLoraError
+
+    try:
+        return fn(*args, **kwargs)
+    except BeamLoraError as e:
+        raise RankscopeError(str(e)) from None
+
+
+def check_fits(base: Any, checkpoint: Checkpoint) -> None:
+    """Every adapter module exists in ``base`` with matching shapes; name the first that does not."""
+    modules = dict(base.named_modules())
+    for module in checkpoint.modules:
+        name = module.name.removeprefix("base_model.model.")
+        target = modules.get(name)
+        if target is None:
+            raise RankscopeError(f"the adapter's module {module.name} is not in the model ({type(base).__name__}): "
+                                 "the adapter does not fit this base model")
+        weight = getattr(target, "weight", None)
+        if weight is None or weight.dim() < 2:
+            continue
+        shape = tuple(weight.shape[:2])
+        if type(target).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+            shape = shape[::-1]
+        if module.layer_type == "embedding":
+            shape = shape[::-1]  # nn.Embedding is (num, dim); the adapter's "in" is num
+        if shape != (module.out_features, module.in_features):
+            raise RankscopeError(f"the adapter's module {module.name} is {module.out_features}×{module.in_features} "
+                                 f"but the model's {name} is {shape[0]}×{shape[1]}: the adapter does not fit this "
+                                 "base model")
+
+
+def _texts_from_file(path: Path) -> list[str]:
+    """Texts of a .txt (blank-line separated paragraphs) or .jsonl (a "text" field) file."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RankscopeError(f"{path}: cannot read the data file ({type(e).__name__}): expected a UTF-8 .txt or .jsonl")
+    if path.suffix.lower() == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise RankscopeError(f"{path}: line {n} is not JSON: expected one object with a 'text' field a line")
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise RankscopeError(f"{path}: line {n} has no 'text' string: expected one object with a 'text' field a line")
+            texts.append(obj["text"])
+    else:
+        texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
+    if not texts:
+        raise RankscopeError(f"{path}: no text found: expected paragraphs (.txt) or a 'text' field per line (.jsonl)")
+    return texts
+
+
+def causal_lm_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
+    """Mean next-token negative log-likelihood over every token of ``texts`` (nats per token)."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target, keep = ids[:, 1:], mask[:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise RankscopeError("the data holds no token to predict: expected texts of at least two tokens")
+    return total / count
+
+
+def build_task(checkpoint: Checkpoint, model_spec: str | None, data: str | None, metric: str,
+               examples: int | None, run_config: dict[str, Any] | None) -> SweepTask:
+    """Load the base model, put the adapter on it, and choose the evaluation."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if metric not in METRICS:
+        raise RankscopeError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
+    if checkpoint.format != "peft":
+        raise RankscopeError(f"{checkpoint.path} is a {checkpoint.format} checkpoint: sweeps load the adapter with PEFT, "
+                             "expected a PEFT adapter folder")
+    run_config = run_config or {}
+    model_spec = model_spec or run_config.get("model")
+    if not model_spec:
+        raise RankscopeError("no base model: pass --model minilm|smollm2|FOLDER (the adapter's run has no config.json)")
+    data = data or run_config.get("data") or "rotten-tomatoes"
+
+    from beamlora import models
+    from beamlora.train import task_of
+
+    task = task_of(model_spec)
+    suffix = Path(data).suffix.lower()
+    # Plain text (or JSONL text for a causal LM's loss) is scored token by token; the rest is labelled data.
+    use_texts = suffix == ".txt" or (suffix == ".jsonl" and task == "causal" and metric != "accuracy")
+    text_file = Path(data) if use_texts else None
+    if metric == "accuracy" and suffix == ".txt":
+        raise RankscopeError(f"{data}: accuracy needs labelled data (.csv/.jsonl with text and label), found a text file")
+
+    labelled = None
+    if text_file is None:
+        from beamlora.data import load_data, split
+
+        dataset = _beamlora_error(load_data, data)
+        same_run = run_config.get("data") == data
+        seed = int(run_config.get("seed", 0)) if same_run else 0
+        held = int(run_config.get("held_out", 1000)) if same_run else min(1000, len(dataset) // 5)
+        _, labelled = _beamlora_error(split, dataset, held, seed)
+        if examples:
+            labelled = labelled.subset(range(min(examples, len(labelled))))
+
+    if task == "classification":
+        if text_file is not None:
+            raise RankscopeError(f"{model_spec} is a classifier: loss/perplexity on a text file need a causal LM")
+        base, tokenizer = _beamlora_error(models.load_classifier, model_spec, len(labelled.label_names))
+    else:
+        base, tokenizer = _beamlora_error(models.load_causal_lm, model_spec)
+    check_fits(base, checkpoint)
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base, str(checkpoint.path.parent))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise RankscopeError(f"the adapter does not load onto {model_spec}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    max_length = int(run_config.get("max_length", 64 if task == "classification" else 256))
+
+    if text_file is not None:
+        texts = _texts_from_file(text_file)[: examples or None]
+        loss = lambda m: causal_lm_loss(m, tokenizer, texts, max_length)  # noqa: E731
+        evaluate = loss if metric == "loss" else (lambda m: math.exp(loss(m)))
+        return SweepTask(model, evaluate, metric, False, f"{metric} on {len(texts)} texts of {text_file}")
+    what = f"{len(labelled)} held-out examples of {data}"
+    if task == "classification":
+        from beamlora.train import classification_metrics, encode_classification
+        from transformers import DataCollatorWithPadding
+
+        encoded = encode_classification(labelled, tokenizer, max_length)
+        collate = DataCollatorWithPadding(tokenizer)
+        key = "accuracy" if metric == "accuracy" else "loss"
+
+        def evaluate(m: Any) -> float:
+            value = classification_metrics(m, encoded, collate)[key]
+            return math.exp(value) if metric == "perplexity" else value
+    else:
+        if metric != "accuracy":
+            raise RankscopeError(f"metric {metric} on labelled data needs a classifier; for a causal LM pass a .txt "
+                                 "or .jsonl text file as --data, or use --metric accuracy")
+        evaluate = lambda m: models.causal_accuracy(m, tokenizer, labelled, max_length=max_length)  # noqa: E731
+    return SweepTask(model, evaluate, metric, metric == "accuracy", what)
