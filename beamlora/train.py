@@ -286,6 +286,7 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=train_data, data_collator=collate, callbacks=callbacks)
+    _quiet_logs(trainer, progress)
     trainer.train()
     shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # nothing is saved there without checkpoints
 
@@ -297,6 +298,20 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     final = metrics[-1]
     return RunResult(run_dir=run_dir, task=task, accuracy=final["accuracy"], majority_rate=majority_rate(held_out),
                      metrics=metrics, events=len(controller.events) if controller else 0)
+
+
+def _quiet_logs(trainer: Any, progress: bool) -> None:
+    """Keep Trainer's progress bar but not its log dicts; held-out lines come from our own callback."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(BarOnly())
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
