@@ -23,7 +23,8 @@ SCORES_ATTR = "beam_scores"
 
 def rank_weights(score: torch.Tensor, temperature: float) -> torch.Tensor:
     """``w = r · softmax(s / T)``, written as ``e / mean(e)`` so that s = 0 gives w = 1 exactly."""
-    e = torch.exp((score - score.max()) / temperature)
+    # The max only guards exp against overflow; detached, it adds nothing to the backward pass.
+    e = torch.exp((score - score.detach().max()) / temperature)
     return e / e.mean()
 
 

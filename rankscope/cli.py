@@ -164,9 +164,12 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
 
 def _fractions(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise RankscopeError(f"--fractions {text!r}: expected comma-separated numbers in [0, 1], e.g. 0,0.1,0.5,1") from None
+        values = []
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise RankscopeError(f"--fractions {text!r}: expected comma-separated numbers in [0, 1], e.g. 0,0.1,0.5,1")
+    return values
 
 
 @cli.command()
@@ -199,14 +202,19 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, 
     """
     from beamlora.train import read_run_config
 
-    from .sweep import resolve_adapter, sweep as run_sweep
+    from .sweep import ORDERS, resolve_adapter, sweep as run_sweep
     from .sweep_task import build_task
 
+    # Options first: a typo should not cost a model load.
+    fraction_list = _fractions(fractions)
+    order_list = [o.strip() for o in orders.split(",") if o.strip()]
+    unknown = [o for o in order_list if o not in ORDERS]
+    if unknown or not order_list:
+        raise RankscopeError(f"--order {orders!r}: expected some of least, most, random")
     checkpoint = resolve_adapter(adapter, step)
     run_config = read_run_config(adapter) if adapter.is_dir() else None
     task = build_task(checkpoint, model_spec, data, metric, examples, run_config)
-    result = run_sweep(task.model, checkpoint, task.evaluate, fractions=_fractions(fractions),
-                       orders=[o.strip() for o in orders.split(",") if o.strip()], seeds=seeds, spectral=spectral,
+    result = run_sweep(task.model, checkpoint, task.evaluate, fractions=fraction_list, orders=order_list, seeds=seeds, spectral=spectral,
                        progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
     paths = result.save(out_dir, title=f"{adapter.name}: {task.description}")
     lines = [f"sweep: {checkpoint.path.parent} on {task.description}", f"  {result.summary_line()}"]

@@ -38,7 +38,7 @@ def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, lines: 
 
     out_dir = Path(out_dir)
     plots = plot_analysis(document, out_dir)
-    sections = [Section("Summary", summary_lines(document), plots)]
+    sections = [Section("Summary", summary_lines(document), list(plots))]
     if dyn is not None:
         from .dynamics_plot import plot_dynamics
 
