@@ -44,6 +44,11 @@ def _require(module: str, pip: str) -> Any:
 def _offline() -> None:
     # Every model here is local; never let transformers try the Hub (there may be no network).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Loading bars and "newly initialized" notices would bury our own one-line output.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def cache_dir() -> Path:
