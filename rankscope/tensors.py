@@ -3,7 +3,8 @@
 A safetensors file is read by its documented layout (8-byte little-endian header length, a
 JSON header, then raw little-endian data), memory-mapped, so tensors are zero-copy numpy
 views and a 300 MB checkpoint costs no more than its pages in the page cache. bfloat16 has
-no numpy dtype: it is widened to float32 exactly (a bf16 value is the top half of a float32).
+no numpy dtype: it is widened to float32 exactly (a bf16 value is the top half of a float32),
+and the pages it was copied from are unmapped again, so resident memory stays near one module.
 Pickled ``.bin`` / ``.pt`` files go through ``torch.load(weights_only=True)`` only, so no
 code inside a pickle ever runs.
 """
@@ -41,7 +42,9 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bits (uint16) to float32 exactly."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    wide = raw.astype(np.uint32)
+    np.left_shift(wide, 16, out=wide)  # in place: one temporary fewer
+    return wide.view(np.float32)
 
 
 def _describe_non_safetensors(path: Path, head: bytes, size: int) -> str | None:
@@ -164,8 +167,28 @@ class SafetensorsFile(TensorFile):
         count = int(np.prod(shape, dtype=np.int64))
         if count == 0:
             return np.zeros(shape, dtype=np.float32 if dtype_name in _FLOAT_DTYPES else np_dtype)
-        array = np.frombuffer(self._mmap, dtype=np_dtype, count=count, offset=self._offsets[name]).reshape(shape)
-        return bf16_to_float32(array) if dtype_name == "BF16" else array
+        offset = self._offsets[name]
+        array = np.frombuffer(self._mmap, dtype=np_dtype, count=count, offset=offset).reshape(shape)
+        if dtype_name != "BF16":
+            return array  # a zero-copy view: its pages stay mapped while the file is open
+        widened = bf16_to_float32(array)
+        del array
+        self._release(offset, count * 2)
+        return widened
+
+    def _release(self, offset: int, length: int) -> None:
+        """Unmap pages already copied out, so a snapshot's resident memory stays small.
+
+        The map is read-only and file-backed: dropped pages are read again from the page cache
+        if anything touches them (a view handed out earlier stays valid), so this is always safe.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         # Arrays handed out may still view the map; let garbage collection unmap it.
