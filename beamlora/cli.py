@@ -77,6 +77,9 @@ def train(model: str, data: str, method: str, rank: int, alpha: float, targets: 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends in one ``Error:`` line and exit status 2."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's business
     try:
         cli.main(args=argv, prog_name="beamlora", standalone_mode=False)
     except click.exceptions.Abort:

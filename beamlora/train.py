@@ -197,8 +197,14 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
+def _log_line(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
+
+
 def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> RunResult:
+          log: Callable[[str], None] = _log_line) -> RunResult:
     """Run one training job into ``config.out`` and return its held-out result."""
     # Data first: bad input fails in a second, before any model loads.
     dataset = load_data(config.data)
