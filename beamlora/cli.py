@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -76,24 +75,14 @@ def train(model: str, data: str, method: str, rank: int, alpha: float, targets: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input ends in one ``Error:`` line and exit status 2."""
+    """Entry point of ``beamlora``: bad input ends in one ``Error:`` line and exit status 2."""
     import warnings
 
+    from rankscope.cli import run
+    from rankscope.errors import RankscopeError
+
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's business
-    try:
-        cli.main(args=argv, prog_name="beamlora", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except BeamLoraError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
-    except OSError as e:
-        click.echo(f"Error: {e.strerror or e} ({e.filename or 'no file named'})", err=True)
-        sys.exit(2)
+    run(cli, "beamlora", argv, (BeamLoraError, RankscopeError))
 
 
 if __name__ == "__main__":

@@ -167,15 +167,10 @@ def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool =
 
 def load_document(path: str | os.PathLike) -> dict[str, Any]:
     """Read an analysis document written by ``rankscope analyze --json``."""
-    import json
-
     from .errors import RankscopeError
+    from .report import read_json
 
-    try:
-        with open(path) as f:
-            document = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RankscopeError(f"{path} could not be read as an analysis JSON ({e})") from None
+    document = read_json(path, "an analysis JSON")
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise RankscopeError(f"{path} is not a rankscope analysis: expected \"schema\": \"{SCHEMA}\"")
     return document

@@ -222,17 +222,17 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, 
     _finish(lines, result.to_json() if json_target else None, json_target)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and turn bad input into one ``Error:`` line and exit status 2."""
+def run(group: click.Group, prog_name: str, argv: list[str] | None, errors: tuple[type[Exception], ...]) -> None:
+    """Run a click group; known errors, missing parts and OS errors become one ``Error:`` line, exit 2."""
     try:
-        cli.main(args=argv, prog_name="rankscope", standalone_mode=False)
+        group.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except RankscopeError as e:
+    except errors as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
     except ImportError as e:  # an optional part (plots, models) is not installed
@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # permission denied, disk full, ...: say what and where
         click.echo(f"Error: {e.strerror or e} ({e.filename or 'no file named'})", err=True)
         sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``rankscope``."""
+    run(cli, "rankscope", argv, (RankscopeError,))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ numpy and scipy only: no torch, so comparing saved analyses stays fast and light
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -23,10 +22,10 @@ import numpy as np
 
 from .errors import RankscopeError
 from .importance import decile_band
+from .report import SWEEP_SCHEMA, read_json
 
 SCHEMA = "rankscope/compare-v1"
 ANALYSIS_SCHEMA = "rankscope/analysis-v1"
-SWEEP_SCHEMA = "rankscope/sweep-v1"  # rankscope.sweep imports torch, so its constant is repeated here
 ALPHA = 0.05
 TIE_TOLERANCE = 1e-9  # medians of effective rank / r closer than this are the same number
 METRICS = {  # name -> (words, True when higher means more even)
@@ -278,12 +277,7 @@ def find_sweep(path: str | os.PathLike) -> Path | None:
 
 
 def read_sweep(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            document = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RankscopeError(f"{path} could not be read as a sweep JSON ({e})") from None
-    return _check_sweep(document, str(path))
+    return _check_sweep(read_json(path, "a sweep JSON"), str(path))
 
 
 def load_run_for_compare(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:

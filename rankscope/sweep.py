@@ -29,7 +29,7 @@ from .errors import RankscopeError
 from .importance import rank_importance
 from .loading import Checkpoint, Series, discover
 
-SCHEMA = "rankscope/sweep-v1"
+from .report import SWEEP_SCHEMA as SCHEMA
 RANK_ORDERS = ("least", "most", "random")
 ORDERS = RANK_ORDERS + ("spectral",)
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
