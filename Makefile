@@ -25,6 +25,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_beamlora.py
+	$(PY) benchmarks/bench_sweep.py
 
 clean:
 	rm -rf .venv build *.egg-info

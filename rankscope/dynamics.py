@@ -1,6 +1,6 @@
 """How rank importances evolve over a run: spread per step, rank-order stability, separation.
 
-Pure functions on the ``rankscope/analysis-v1`` document (numpy and scipy only), so they work
+Pure functions on the ``rankscope/analysis-v1`` document (numpy only), so they work
 the same on a fresh ``analyze(path)`` and on a JSON file written earlier. The output of
 :func:`dynamics` is JSON-ready (NaN only where a value is undefined; ``report.to_json`` turns
 those into null).
@@ -16,7 +16,6 @@ import math
 from typing import Any, Iterable
 
 import numpy as np
-from scipy.stats import rankdata
 
 TOP_FRACTION = 0.1
 STABLE_THRESHOLD = 0.9
@@ -52,6 +51,15 @@ def usable(module: dict[str, Any]) -> bool:
     return bool(np.isfinite(x).all() and x.sum() > 0)
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (scipy's rankdata, without importing scipy)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.arange(1, x.size + 1)
+    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
+
+
 def spearman(x: Iterable[float], y: Iterable[float]) -> float:
     """Spearman's rho in float64: Pearson correlation of average ranks (ties share their mean rank).
 
@@ -60,7 +68,7 @@ def spearman(x: Iterable[float], y: Iterable[float]) -> float:
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if a.size != b.size or a.size < 2:
         return float("nan")
-    ra, rb = rankdata(a) - (a.size + 1) / 2, rankdata(b) - (b.size + 1) / 2
+    ra, rb = average_ranks(a) - (a.size + 1) / 2, average_ranks(b) - (b.size + 1) / 2
     denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
     if denominator == 0:
         return float("nan")

@@ -94,15 +94,20 @@ def causal_lm_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target, keep = ids[:, 1:], mask[:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # pads after the text: positions match an unpadded pass
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target, keep = ids[:, 1:], mask[:, 1:].bool()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            total += float(nll[keep].sum())
+            count += int(keep.sum())
+    finally:
+        tokenizer.padding_side = side
     if count == 0:
         raise RankscopeError("the data holds no token to predict: expected texts of at least two tokens")
     return total / count

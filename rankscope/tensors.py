@@ -59,6 +59,8 @@ def _describe_non_safetensors(path: Path, head: bytes, size: int) -> str | None:
             f"{path} is {size} bytes: too small to be a safetensors file "
             "(expected an 8-byte header length, a JSON header and tensor data)"
         )
+    if head[8:9] == b"{":
+        return None  # a JSON header where safetensors puts it (its length may well start with byte 0x80)
     if head[:1] == b"\x80" or head.startswith(b"PK\x03\x04"):
         return f"{path} looks like a pickled PyTorch file, not safetensors: rename it to .bin or .pt"
     return None

@@ -354,3 +354,25 @@ def test_raw_state_dict_with_adapter_names(tmp_path):
     save_torch({k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k}, tmp_path / "two.safetensors")
     names = {m.name for m in rankscope.load(tmp_path / "two.safetensors").modules}
     assert len(names) == 4 and {n.rsplit("[", 1)[-1] for n in names} == {"default]", "second]"}
+
+
+def test_header_length_whose_first_byte_looks_like_a_pickle_opcode(tmp_path):
+    """A real safetensors header of 0x..80 bytes starts with byte 0x80, the pickle protocol opcode:
+    it must still be read as safetensors (SmolLM2 adapters hit this)."""
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(8, 4)).astype(np.float32)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["q"]}))
+    path = folder / "adapter_model.safetensors"
+    for pad in range(512):
+        save_numpy({"base_model.model.q.lora_A.weight": A, "base_model.model.q.lora_B.weight": B}, path,
+                   metadata={"format": "pt", "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    module = rankscope.load(folder).modules[0]
+    np.testing.assert_array_equal(module.A, A)
+    expected = 2.0 * np.linalg.norm(B.astype(np.float64), axis=0) * np.linalg.norm(A.astype(np.float64), axis=1)
+    np.testing.assert_allclose(analyze_module(module)["importance"], expected, rtol=1e-12)

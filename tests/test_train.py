@@ -146,3 +146,38 @@ def test_smollm2_causal_path_trains_and_scores_label_words(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000002", "step-000004"]
     config = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+    # Perplexity of the adapted causal LM on a text file, swept; checked against a direct computation.
+    import math
+
+    import torch
+
+    from rankscope.sweep import resolve_adapter, sweep
+    from rankscope.sweep_task import build_task
+
+    text = tmp_path / "text.txt"
+    text.write_text("The film was a delight from start to finish.\n\nA dull, overlong mess with no heart.\n")
+    checkpoint = resolve_adapter(tmp_path / "run")
+    task = build_task(checkpoint, "smollm2", str(text), "perplexity", None, None)
+    result = sweep(task.model, checkpoint, task.evaluate, fractions=[0.0, 1.0], orders=["least"], spectral=False,
+                   metric=task.metric, higher_is_better=task.higher_is_better)
+    assert not result.higher_is_better and result.metric == "perplexity"
+    nll, count = 0.0, 0
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    with torch.no_grad():
+        for paragraph in ("The film was a delight from start to finish.", "A dull, overlong mess with no heart."):
+            ids = torch.tensor([tokenizer(paragraph)["input_ids"]])
+            logits = task.model(input_ids=ids).logits[0, :-1].double()
+            nll -= float(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).sum())
+            count += ids.shape[1] - 1
+    assert result.baseline == pytest.approx(math.exp(nll / count), rel=1e-3)  # batched and padded vs one by one
+    assert result.restored_value == result.baseline and result.value("least", 1.0) != result.baseline
+
+
+def test_sweep_data_file_that_cannot_be_read(runs, tmp_path):
+    bad = tmp_path / "reviews.csv"
+    bad.write_bytes(b"text,label\n\xff\xfe broken,1\n")
+    done = cli("rankscope.cli", "sweep", runs["lora"].run_dir, "--data", bad, "--out", tmp_path / "s")
+    line, = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and line.startswith("Error: ") and "reviews.csv" in line
+    assert not (tmp_path / "s").exists()
