@@ -68,7 +68,7 @@ def run(out: Path, steps: int) -> int:
 
 def sweep_run(run_dir: Path) -> dict:
     """A light prune-by-importance sweep of the final adapter on held-out examples (rankscope sweep)."""
-    from rankscope.sweep import resolve_adapter, sweep
+    from rankscope.sweeps import resolve_adapter, sweep
     from rankscope.sweep_task import build_task
 
     from .train import read_run_config

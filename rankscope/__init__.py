@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Sweeps need torch and transformers: import them only when asked for.
+    # Sweeps need torch: import it only when asked for (the module is rankscope.sweeps).
     if name == "sweep":
-        from .sweep import sweep
+        from .sweeps import sweep
 
         return sweep
     raise AttributeError(f"module 'rankscope' has no attribute {name!r}")

@@ -202,7 +202,7 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, 
     """
     from beamlora.train import read_run_config
 
-    from .sweep import ORDERS, resolve_adapter, sweep as run_sweep
+    from .sweeps import ORDERS, resolve_adapter, sweep as run_sweep
     from .sweep_task import build_task
 
     # Options first: a typo should not cost a model load.

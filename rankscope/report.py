@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 
-SWEEP_SCHEMA = "rankscope/sweep-v1"  # here, not in sweep.py, so readers of sweeps need no torch
+SWEEP_SCHEMA = "rankscope/sweep-v1"  # here, not in sweeps.py, so readers of sweeps need no torch
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 import rankscope
 from rankscope import RankscopeError
-from rankscope.sweep import drop_count, lora_layers, ranks_to_drop, resolve_adapter, sweep, truncated_factors
+from rankscope.sweeps import drop_count, lora_layers, ranks_to_drop, resolve_adapter, sweep, truncated_factors
 
 R = 8
 STRONG = 4  # ranks per module that carry the update; the other R - STRONG are negligible
@@ -309,7 +309,7 @@ def test_outputs_json_csv_plot_and_summary(graded, tmp_path):
 
 
 def test_summary_in_accuracy_points():
-    from rankscope.sweep import SweepPoint, SweepResult
+    from rankscope.sweeps import SweepPoint, SweepResult
 
     points = [SweepPoint("least", 0.5, None, 0.796), SweepPoint("most", 0.1, None, 0.49), SweepPoint("least", 0.0, None, 0.8),
               SweepPoint("most", 0.0, None, 0.8)]

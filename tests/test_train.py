@@ -152,7 +152,7 @@ def test_smollm2_causal_path_trains_and_scores_label_words(tmp_path):
 
     import torch
 
-    from rankscope.sweep import resolve_adapter, sweep
+    from rankscope.sweeps import resolve_adapter, sweep
     from rankscope.sweep_task import build_task
 
     text = tmp_path / "text.txt"

@@ -1,4 +1,4 @@
-"""``rankscope.sweep``: prune ranks by importance and watch the metric (the paper's Figures 1 and 4).
+"""``rankscope.sweep(...)``: prune ranks by importance and watch the metric (the paper's Figures 1 and 4).
 
 For each fraction f, every adapted module loses its round(f·r) least (or most, or randomly
 chosen) important ranks by its own importance: row i of A and column i of B are zeroed in place
@@ -17,7 +17,6 @@ import io
 import math
 import os
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -534,14 +533,3 @@ def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Seri
 __all__ = ["SCHEMA", "ORDERS", "RANK_ORDERS", "DEFAULT_FRACTIONS", "sweep", "SweepResult", "SweepPoint",
            "ranks_to_drop", "drop_count", "truncated_factors", "lora_layers", "LoraLayerRef", "match_checkpoint",
            "resolve_adapter", "Masker"]
-
-
-class _CallableModule(types.ModuleType):
-    """``import rankscope.sweep`` binds this module to ``rankscope.sweep``, shadowing the lazy function;
-    making the module callable keeps ``rankscope.sweep(model, adapter, evaluate)`` working either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SweepResult:
-        return sweep(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
