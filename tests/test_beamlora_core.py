@@ -362,3 +362,23 @@ def test_same_seed_same_data_gives_bitwise_identical_adapters(tmp_path):
         controller.export(tmp_path / f"run{run}")
         blobs.append((tmp_path / f"run{run}" / "adapter_model.safetensors").read_bytes())
     assert blobs[0] == blobs[1]
+
+
+def test_a_crash_while_writing_leaves_no_half_snapshot_and_the_weights_intact(tmp_path, monkeypatch):
+    model = bert_lora()
+    controller = beamlora.attach(model, BeamLoraConfig(delta_t=10, total_steps=100, output_dir=tmp_path))
+    with torch.no_grad():
+        for layer in controller.layers:
+            layer.score.normal_(0, 0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real_save = type(model).save_pretrained
+
+    def save_then_crash(self, folder, **kwargs):
+        real_save(self, folder, **kwargs)  # the adapter file is really written...
+        raise OSError(28, "No space left on device")  # ...then the disk fills up
+
+    monkeypatch.setattr(type(model), "save_pretrained", save_then_crash)
+    with pytest.raises(OSError):
+        controller.save_snapshot(10)
+    assert list(tmp_path.iterdir()) == []  # neither step-000010 nor its temporary folder
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # w unfolded again
