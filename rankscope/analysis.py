@@ -140,13 +140,15 @@ def _one_blas_thread() -> Iterator[None]:
 
 
 def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool = True,
-            progress: bool | None = None) -> dict[str, Any]:
-    """Analyse a checkpoint or every snapshot of a run, one snapshot in memory at a time.
+            progress: bool | None = None, last_only: bool = False) -> dict[str, Any]:
+    """Analyse a checkpoint or every snapshot of a run (only the last with ``last_only``), one
+    snapshot in memory at a time.
 
     Returns the ``rankscope/analysis-v1`` document (see the README for its fields).
     """
     found = discover(path, format)
     refs = found.snapshots if isinstance(found, Series) else [found]
+    refs = refs[-1:] if last_only else refs
     snapshots = []
     with _progress(len(refs), progress, "analysing snapshots") as bar, _one_blas_thread():
         for ref in refs:
@@ -176,11 +178,12 @@ def load_document(path: str | os.PathLike) -> dict[str, Any]:
     return document
 
 
-def analyze_or_read(path: str | os.PathLike, format: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+def analyze_or_read(path: str | os.PathLike, format: str | None = None, progress: bool | None = None,
+                    last_only: bool = False) -> dict[str, Any]:
     """An analysis document from a checkpoint path, or from a JSON file ``rankscope analyze`` wrote."""
     if str(path).endswith(".json") and os.path.isfile(path):
         return load_document(path)
-    return analyze(path, format=format, progress=progress)
+    return analyze(path, format=format, progress=progress, last_only=last_only)
 
 
 __all__ = ["SCHEMA", "analyze", "analyze_checkpoint", "analyze_module", "summarize", "load_document",

@@ -284,7 +284,7 @@ def load_run_for_compare(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
     """(analysis document, sweep document or None) for a checkpoint, run folder or analysis JSON."""
     from .analysis import analyze_or_read
 
-    document = analyze_or_read(path, progress=False)
+    document = analyze_or_read(path, progress=False, last_only=True)  # compare reads only the last snapshot
     found = find_sweep(path)
     return document, read_sweep(found) if found is not None else None
 
