@@ -94,3 +94,15 @@ def test_bad_requests_give_one_error_line(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], done.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_real_series_give_a_temporal_report(tmp_path):
+    for name, steps in (("peft-roberta-series", [500, 1000, 1500, 2000, 2400]),
+                        ("mlx-gemma-series", [100, 200, 300, 400, 500, 600])):
+        out = tmp_path / name
+        done = run_cli("analyze", REAL / name, "--out", out, "--json", out / "doc.json")
+        assert done.returncode == 0, done.stderr
+        dyn = json.loads((out / "doc.json").read_text())["dynamics"]
+        assert dyn["steps"] == steps and len(dyn["stability"]) == len(steps) - 1
+        assert "stability" in done.stdout and "recommend" in done.stdout
+        assert len(embedded_images(out / "report.html")) == 5  # deciles, heatmap, ranks, spread, stability
