@@ -177,7 +177,9 @@ def _fractions(text: str) -> list[float]:
 @click.option("--model", "model_spec", help="Base model: minilm, smollm2 or a local folder (default: the run's own).")
 @click.option("--data", help="rotten-tomatoes, a .csv/.jsonl with text and label, or a .txt/.jsonl text file for loss "
                              "(default: the run's own data and held-out split).")
-@click.option("--metric", type=click.Choice(["accuracy", "loss", "perplexity"]), default="accuracy", show_default=True)
+@click.option("--metric", type=click.Choice(["accuracy", "loss", "perplexity"]), default="accuracy", show_default=True,
+              help="accuracy on labelled data; loss (cross-entropy, nats per token for a causal LM on a text file) "
+                   "or perplexity (exp of that loss). Lower is better for the last two.")
 @click.option("--fractions", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", show_default=True,
               help="Fractions of each module's ranks to prune.")
 @click.option("--order", "orders", default="least,most,random", show_default=True,
