@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# The dequantised SmolLM2 is cached inside the checkout (git-ignored), not in the user's home.
+os.environ.setdefault("BEAMLORA_CACHE", str(REPO / ".cache" / "beamlora"))
 REAL_FIXTURES = REPO.parent / "shared" / "fixtures" / "real"
 
 
