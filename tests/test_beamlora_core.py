@@ -56,10 +56,11 @@ def batch(seed: int, n: int = 8, length: int = 12) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 64, (n, length), generator=g), "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-def train(model, controller, steps: int, lr: float = 1e-2, before_step=None, seed: int = 0):
+def train(model, controller, steps: int, lr: float = 1e-2, before_step=None, seed: int = 0,
+          optimizer_class=torch.optim.AdamW):
     """A plain loop: forward, backward, AdamW step, controller step. ``before_step(t, opt)`` runs
     after ``optimizer.step()`` and before ``controller.step`` of optimizer step t."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = optimizer_class(model.parameters(), lr=lr)
     for t in range(1, steps + 1):
         loss = model(**batch(seed * 1000 + t)).loss
         loss.backward()
@@ -226,8 +227,9 @@ def test_sources_are_kept_ranks_never_pruned_slots():
 # ---------------------------------------------------------------- expand
 
 
-@pytest.mark.parametrize("mode", ["history", "official", "reset"])
-def test_expansion_copies_historical_parameters_and_moments(mode):
+@pytest.mark.parametrize("mode,optimizer_class", [("history", torch.optim.AdamW), ("history", torch.optim.Adam),
+                                                  ("official", torch.optim.AdamW), ("reset", torch.optim.AdamW)])
+def test_expansion_copies_historical_parameters_and_moments(mode, optimizer_class):
     model = bert_lora()
     config = BeamLoraConfig(delta_t=10, total_steps=100, p_init=0.9, optimizer_state=mode, temperature=0.05)
     controller = beamlora.attach(model, config)
@@ -248,7 +250,7 @@ def test_expansion_copies_historical_parameters_and_moments(mode):
                 for layer in controller.layers}
             seen["optimizer"] = optimizer
 
-    train(model, controller, 10, lr=5e-2, before_step=spy)
+    train(model, controller, 10, lr=5e-2, before_step=spy, optimizer_class=optimizer_class)
     optimizer = seen["optimizer"]
     operated = [e for e in controller.events if e["pruned"]]
     assert operated, "the operation at step 10 pruned nothing"
