@@ -29,7 +29,6 @@ def run(out: Path, steps: int) -> int:
     from rankscope.analysis import analyze
     from rankscope.compare import compare, compare_lines
     from rankscope.outputs import temporal_view, write_analysis, write_compare
-    from rankscope.report import summary_lines
 
     from .train import train
 
@@ -43,8 +42,8 @@ def run(out: Path, steps: int) -> int:
     documents, sweeps = {}, {}
     for method, result in results.items():
         document = analyze(result.run_dir, progress=False)
-        dyn, rec, lines = temporal_view(document)
-        write_analysis(document, result.run_dir / "report", summary_lines(document) + lines, dyn, rec)
+        dyn, rec, _ = temporal_view(document)
+        write_analysis(document, result.run_dir / "report", dyn, rec)
         documents[method] = document
         print(f"== sweeping {method}: least / most important ranks pruned ==", file=sys.stderr)
         sweeps[method] = sweep_run(result.run_dir)

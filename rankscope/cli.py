@@ -92,7 +92,7 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
     if out_dir is not None:
         from .outputs import write_analysis
 
-        lines += _written(write_analysis(document, out_dir, lines, dyn, rec, module))
+        lines += _written(write_analysis(document, out_dir, dyn, rec, module))
     _finish(lines, to_json(document) if json_target else None, json_target)
 
 
@@ -112,20 +112,22 @@ def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, o
     Every number comes with its reason, and warnings say when the run cannot tell.
     """
     from .analysis import analyze_or_read
-    from .outputs import recommendation_lines, temporal_view
+    from .dynamics import dynamics
+    from .outputs import recommendation_lines
     from .recommend import recommend as run_recommend
     from .report import to_json
 
     document = analyze_or_read(run_dir, progress=progress)
-    rec = run_recommend(document, total_steps=total_steps)
+    dyn = dynamics(document, include_trajectories=False)
+    rec = run_recommend(document, total_steps=total_steps, dyn=dyn)
     lines = [f"recommendation for a BeamLoRA run like {document.get('path')}"] + ["  " + x for x in recommendation_lines(rec)]
     if out_dir is not None:
         from .atomic import write_text
         from .outputs import write_analysis
 
-        dyn, _, temporal_lines = temporal_view(document, total_steps)
         write_text(out_dir / "recommend.json", to_json(rec) + "\n")
-        lines += _written([out_dir / "recommend.json"] + write_analysis(document, out_dir, temporal_lines, dyn, rec))
+        series = dyn if len(document["snapshots"]) > 1 else None
+        lines += _written([out_dir / "recommend.json"] + write_analysis(document, out_dir, series, rec))
     _finish(lines, to_json(rec) if json_target else None, json_target)
 
 

@@ -25,14 +25,14 @@ def temporal_view(document: dict[str, Any], total_steps: int | None = None) -> t
     dyn = dynamics(document, include_trajectories=False)
     notes = []
     try:
-        rec = recommend(document, total_steps=total_steps)
+        rec = recommend(document, total_steps=total_steps, dyn=dyn)
     except RankscopeError as e:  # e.g. no step numbers: the dynamics still stand on their own
         rec, notes = None, [f"  recommend      not possible: {e}"]
     return dyn, rec, dynamics_summary_lines(dyn, rec) + notes
 
 
-def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, lines: list[str],
-                   dyn: dict | None = None, rec: dict | None = None, module: str | None = None) -> list[Path]:
+def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, dyn: dict | None = None,
+                   rec: dict | None = None, module: str | None = None) -> list[Path]:
     """analysis.json, deciles.png, heatmap.png, the temporal plots for a series, and report.html."""
     from .plotting import plot_analysis
 
@@ -40,11 +40,12 @@ def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, lines: 
     plots = plot_analysis(document, out_dir)
     sections = [Section("Summary", summary_lines(document), list(plots))]
     if dyn is not None:
+        from .dynamics import dynamics_summary_lines
         from .dynamics_plot import plot_dynamics
 
         temporal = plot_dynamics(document, out_dir, module=module, dyn=dyn)
         plots += temporal
-        sections.append(Section("Over training", [], temporal))
+        sections.append(Section("Over training", dynamics_summary_lines(dyn), temporal))
     if rec is not None:
         sections.append(Section("Recommendation for a BeamLoRA run", recommendation_lines(rec)))
     json_path = out_dir / "analysis.json"

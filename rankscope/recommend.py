@@ -115,9 +115,12 @@ def choose_delta_t(stable_step: int | None, observed: int | None, total_steps: i
 
 def recommend(document: dict[str, Any], total_steps: int | None = None, *, target_share: float = TARGET_SHARE,
               threshold: float = STABLE_THRESHOLD, grid: tuple[float, ...] = P_GRID,
-              scale_stabilisation: bool = True) -> dict[str, Any]:
-    """BeamLoRA's p_init and Δt for a run like this one, with the reasons and warnings (see module doc)."""
-    dyn = dynamics(document, threshold=threshold, include_trajectories=False)
+              scale_stabilisation: bool = True, dyn: dict[str, Any] | None = None) -> dict[str, Any]:
+    """BeamLoRA's p_init and Δt for a run like this one, with the reasons and warnings (see module doc).
+
+    ``dyn``: the document's :func:`dynamics` when the caller already has it (same threshold).
+    """
+    dyn = dyn if dyn is not None else dynamics(document, threshold=threshold, include_trajectories=False)
     reasons: list[str] = []
     warnings: list[str] = []
     step, modules = last_importances(document)
