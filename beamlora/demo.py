@@ -25,7 +25,15 @@ SWEEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 SWEEP_EXAMPLES = 300
 
 
-def run(out: Path, steps: int) -> int:
+def demo_config(method: str, steps: int, held_out: int, out: Path) -> TrainConfig:
+    """DEMO, with snapshots and Δt scaled to ``steps`` so a shorter demo keeps the same shape."""
+    scaled = lambda every: max(2, round(every * steps / DEMO.steps))  # noqa: E731
+    return dataclasses.replace(DEMO, method=method, steps=steps, held_out=held_out, out=str(out / method),
+                               eval_every=scaled(DEMO.eval_every), snapshot_every=scaled(DEMO.snapshot_every),
+                               delta_t=scaled(DEMO.delta_t))
+
+
+def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out) -> int:
     from rankscope.analysis import analyze
     from rankscope.compare import compare, compare_lines
     from rankscope.outputs import temporal_view, write_analysis, write_compare
@@ -36,8 +44,7 @@ def run(out: Path, steps: int) -> int:
     started = time.perf_counter()
     for method in ("lora", "beamlora"):
         print(f"== training {method} ({steps} steps) ==", file=sys.stderr)
-        config = dataclasses.replace(DEMO, method=method, steps=steps, out=str(out / method))
-        results[method] = train(config, overwrite=True)
+        results[method] = train(demo_config(method, steps, held_out, out), overwrite=True)
 
     documents, sweeps = {}, {}
     for method, result in results.items():
@@ -88,9 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="LoRA vs BeamLoRA on MiniLM / Rotten Tomatoes, then rankscope.")
     parser.add_argument("--out", type=Path, default=Path("demo_runs"))
     parser.add_argument("--steps", type=int, default=DEMO.steps)
+    parser.add_argument("--held-out", type=int, default=DEMO.held_out)
     args = parser.parse_args(argv)
     try:
-        sys.exit(run(args.out, args.steps))
+        sys.exit(run(args.out, args.steps, args.held_out))
     except (BeamLoraError, RankscopeError) as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)

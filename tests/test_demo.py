@@ -1,0 +1,27 @@
+"""`make demo` end to end, shortened (same code path, fewer steps and held-out examples)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_both_methods_and_writes_the_reports(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "beamlora.demo", "--out", tmp_path, "--steps", "36",
+                           "--held-out", "100"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("LoRA ") and "held-out accuracy" in line for line in lines)
+    assert any(line.startswith("BeamLoRA ") and "held-out accuracy" in line for line in lines)
+    for method in ("lora", "beamlora"):
+        assert (tmp_path / method / "report" / "report.html").is_file()
+        assert json.loads((tmp_path / method / "sweep" / "sweep.json").read_text())["schema"] == "rankscope/sweep-v1"
+    assert len(list((tmp_path / "beamlora").glob("step-*"))) == 9  # snapshots every 4 of 36 steps
+    compare = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert [run["label"] for run in compare["runs"]] == ["LoRA", "BeamLoRA"] and compare["sweeps"] is not None
