@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m beamlora.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
