@@ -57,14 +57,6 @@ def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
     return entry
 
 
-def _band(values: Iterable[float]) -> dict[str, float]:
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), "min": float("nan"), "max": float("nan")}
-    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75])
-    return {"median": float(median), "q25": float(q25), "q75": float(q75), "min": float(x.min()), "max": float(x.max())}
-
-
 def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
     """Spread over modules: counts, ranks, scales, shares, effective ranks, decile bands (all, by layer, by kind)."""
     good = [m for m in modules if m.get("importance") is not None]
@@ -80,8 +72,8 @@ def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
             label: {
                 "modules": len(ms),
                 "deciles": imp.decile_band(np.array([m["deciles"] for m in ms])),
-                "top10_share": _band(m["top10_share"] for m in ms)["median"],
-                "effective_rank_ratio": _band(m["effective_rank"] / m["rank"] for m in ms)["median"],
+                "top10_share": imp.band(m["top10_share"] for m in ms)["median"],
+                "effective_rank_ratio": imp.band(m["effective_rank"] / m["rank"] for m in ms)["median"],
             }
             for label, ms in groups.items()
         }
@@ -91,10 +83,10 @@ def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
         "ranks": ranks,
         "scales": scales if len(scales) <= 8 else [scales[0], scales[-1]],
         "total_ranks": int(sum(m["rank"] for m in modules)),
-        "top10_share": _band(m["top10_share"] for m in good),
+        "top10_share": imp.band(m["top10_share"] for m in good),
         "top10_share_uniform": float(np.median(uniform_top)) if uniform_top else float("nan"),
-        "effective_rank_ratio": _band(m["effective_rank"] / m["rank"] for m in good),
-        "gini": _band(m["gini"] for m in good),
+        "effective_rank_ratio": imp.band(m["effective_rank"] / m["rank"] for m in good),
+        "gini": imp.band(m["gini"] for m in good),
         "deciles": imp.decile_band(np.array([m["deciles"] for m in good])),
         "by_layer": group("layer"),
         "by_kind": group("kind"),
@@ -117,12 +109,13 @@ def analyze_checkpoint(checkpoint: Checkpoint, spectrum: bool = True) -> dict[st
     }
 
 
-def _progress(total: int, enabled: bool | None, description: str):
+def progress_bar(total: int, enabled: bool | None, description: str, unit: str):
+    """A tqdm bar on stderr; by default only when there is more than one item and stderr is a terminal."""
     from tqdm import tqdm
 
     if enabled is None:
         enabled = total > 1 and sys.stderr.isatty()
-    return tqdm(total=total, desc=description, unit="snapshot", disable=not enabled, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=description, unit=unit, disable=not enabled, file=sys.stderr, leave=False)
 
 
 @contextmanager
@@ -150,7 +143,7 @@ def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool =
     refs = found.snapshots if isinstance(found, Series) else [found]
     refs = refs[-1:] if last_only else refs
     snapshots = []
-    with _progress(len(refs), progress, "analysing snapshots") as bar, _one_blas_thread():
+    with progress_bar(len(refs), progress, "analysing snapshots", "snapshot") as bar, _one_blas_thread():
         for ref in refs:
             snapshots.append(analyze_checkpoint(ref.load(), spectrum))
             bar.update(1)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import RankscopeError
-from .importance import decile_band
+from .importance import band, decile_band
 from .report import SWEEP_SCHEMA, read_json
 
 SCHEMA = "rankscope/compare-v1"
@@ -41,15 +41,6 @@ SWEEP_STYLES = {"most": "-", "least": "--", "random": ":", "spectral": "-."}
 def _finite(values: Iterable[Any]) -> np.ndarray:
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
     return x[np.isfinite(x)]
-
-
-def _band(values: Iterable[Any]) -> dict[str, float]:
-    """Median, quartiles and IQR over modules (NaN when there are none)."""
-    x = _finite(values)
-    if x.size == 0:
-        return {"median": math.nan, "q25": math.nan, "q75": math.nan, "iqr": math.nan}
-    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75])
-    return {"median": float(median), "q25": float(q25), "q75": float(q75), "iqr": float(q75 - q25)}
 
 
 def _usable(module: dict[str, Any]) -> bool:
@@ -89,10 +80,10 @@ def run_summary(document: dict[str, Any], label: str) -> dict[str, Any]:
         "modules": len(good),
         "modules_skipped": len(snapshot["modules"]) - len(good),
         "ranks": ranks,
-        "top10_share": _band(per_module["top10_share"]),
+        "top10_share": band(per_module["top10_share"]),
         "top10_share_uniform": float(np.median(uniform)) if uniform else math.nan,
-        "effective_rank_ratio": _band(per_module["effective_rank_ratio"]),
-        "gini": _band(per_module["gini"]),
+        "effective_rank_ratio": band(per_module["effective_rank_ratio"]),
+        "gini": band(per_module["gini"]),
         "deciles": decile_band(np.array([m["deciles"] for m in good], dtype=np.float64)),
         "per_module": per_module,
     }

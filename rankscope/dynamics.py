@@ -17,6 +17,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .importance import band
+from .report import _fmt
+
 TOP_FRACTION = 0.1
 STABLE_THRESHOLD = 0.9
 # As in report.describe_spread: below both limits the importances count as "nearly even".
@@ -24,17 +27,6 @@ FLAT_EFFECTIVE_RANK_RATIO = 0.97
 FLAT_TOP_EXCESS = 0.3
 
 Band = dict[str, float]
-
-
-def band(values: Iterable[float | None]) -> Band:
-    """Median, quartiles, min, max and count of the finite values (NaN fields when there are none)."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        nan = float("nan")
-        return {"median": nan, "q25": nan, "q75": nan, "min": nan, "max": nan, "n": 0}
-    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75])
-    return {"median": float(median), "q25": float(q25), "q75": float(q75),
-            "min": float(x.min()), "max": float(x.max()), "n": int(x.size)}
 
 
 def uniform_top_share(rank: int, fraction: float = TOP_FRACTION) -> float:
@@ -243,10 +235,6 @@ def largest_final_spread(document: dict[str, Any]) -> str | None:
         if good:
             return max(good, key=lambda m: (m.get("gini") if m.get("gini") is not None else -1, m["name"]))["name"]
     return None
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
 def dynamics_summary_lines(dyn: dict[str, Any], rec: dict[str, Any] | None = None) -> list[str]:

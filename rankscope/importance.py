@@ -8,6 +8,7 @@ Everything is computed in float64 whatever the stored dtype.
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import numpy as np
 
@@ -108,6 +109,17 @@ def gini(importance: np.ndarray) -> float:
         return float("nan")
     ranks = np.arange(1, n + 1)
     return float((2 * (ranks * x).sum()) / (n * total) - (n + 1) / n)
+
+
+def band(values: Iterable[float | None]) -> dict[str, float]:
+    """Median, quartiles, IQR, min, max and count of the finite values (NaN fields when there are none)."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        nan = float("nan")
+        return {"median": nan, "q25": nan, "q75": nan, "iqr": nan, "min": nan, "max": nan, "n": 0}
+    q25, median, q75 = np.quantile(x, [0.25, 0.5, 0.75])
+    return {"median": float(median), "q25": float(q25), "q75": float(q75), "iqr": float(q75 - q25),
+            "min": float(x.min()), "max": float(x.max()), "n": int(x.size)}
 
 
 def decile_band(rows: np.ndarray) -> dict[str, list[float]]:

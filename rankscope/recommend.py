@@ -34,7 +34,8 @@ import numpy as np
 
 from beamlora import selection  # numpy only: the same cut and schedule the trainer runs
 
-from .dynamics import STABLE_THRESHOLD, band, dynamics, usable
+from .dynamics import STABLE_THRESHOLD, dynamics, usable
+from .importance import band
 from .errors import RankscopeError
 
 P_GRID = tuple(round(0.90 + 0.01 * i, 2) for i in range(10))

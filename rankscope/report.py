@@ -38,6 +38,7 @@ def to_json(document: dict[str, Any], indent: int | None = None) -> str:
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
+    """A number with fixed decimals, or n/a for None, NaN and Inf."""
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 

@@ -16,7 +16,6 @@ import csv
 import io
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ import torch
 
 from .errors import RankscopeError
 from .importance import rank_importance
+from .analysis import progress_bar
 from .loading import Checkpoint, Series, discover
 
 from .report import SWEEP_SCHEMA as SCHEMA
@@ -401,14 +401,6 @@ def _fmt(x: float | None) -> str:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _progress_bar(total: int, enabled: bool | None):
-    from tqdm import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc="sweeping", unit="point", disable=not enabled, file=sys.stderr, leave=False)
-
-
 def _plan(fractions: Sequence[float], orders: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, float, int | None]]:
     plan = []
     for order in orders:
@@ -490,7 +482,7 @@ def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Seri
     try:
         baseline = cache[unpruned] = measure()
         plan = _plan(fractions, orders, seed_list)
-        with _progress_bar(len(plan), progress) as bar:
+        with progress_bar(len(plan), progress, "sweeping", "point") as bar:
             for order, fraction, seed in plan:
                 if order == "spectral":
                     drops = [drop_count(layer.rank, fraction) for layer in layers]
