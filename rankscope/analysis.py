@@ -22,6 +22,22 @@ SCHEMA = "rankscope/analysis-v1"
 TOP_FRACTION = 0.1
 
 
+def spectrum_meaning(module: LoraModule) -> str:
+    """What the module's ``spectrum`` holds the singular values of, in words (where it is not plain scale·B A)."""
+    if module.E is not None:
+        return "scale·B·diag(E)·A: AdaLoRA's update, E holding its learned singular values"
+    if module.rank_weights is not None:
+        return "scale·B·diag(w)·A: BeamLoRA's update with w = r·softmax(gate/T) stored beside A"
+    if module.dora:
+        return ("scale·B·A, the low-rank part only: DoRA also rescales each output by a learned magnitude, "
+                "so the applied update is not B·A alone")
+    if module.layer_type == "conv":
+        return "scale·B·A with A flattened to (r, in·kh·kw): the conv kernel's update as a matrix"
+    if module.layer_type == "embedding":
+        return "scale·B·A: the embedding table's update (transposed; the same singular values)"
+    return "scale·B·A"
+
+
 def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
     """Importance, deciles and spread of one module, as a JSON-ready dict."""
     entry: dict[str, Any] = {
@@ -49,7 +65,12 @@ def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
     entry["effective_rank"] = imp.effective_rank(values)
     entry["gini"] = imp.gini(values)
     if spectrum:
-        entry["spectrum"] = imp.update_spectrum(A, B, module.scale, module.coefficients).tolist()
+        values = imp.update_spectrum(A, B, module.scale, module.coefficients)
+        entry["spectrum"] = values.tolist()
+        entry["spectrum_of"] = spectrum_meaning(module)
+        entry["energy_rank"] = imp.energy_ranks(values)
+        entry["stable_rank"] = imp.stable_rank(values)
+        entry["spectral_effective_rank"] = imp.spectral_effective_rank(values)
     if module.scores is not None:
         entry["scores"] = module.scores.tolist()
     if module.E is not None:

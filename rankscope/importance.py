@@ -1,8 +1,13 @@
 """Importance maths on plain arrays: per-rank norms, update spectra and how unequal they are.
 
-Rank i of a LoRA module contributes the rank-one update ``scale · c_i · b_i a_iᵀ``; its
-Frobenius norm is ``|scale · c_i| · ‖b_i‖₂ · ‖a_i‖₂`` exactly, so no d×k matrix is ever built.
-Everything is computed in float64 whatever the stored dtype.
+Two views of one update ``ΔW = scale · B diag(c) A``:
+
+- per rank (the BeamLoRA paper's measure): rank i contributes ``scale · c_i · b_i a_iᵀ``, whose
+  Frobenius norm is ``|scale · c_i| · ‖b_i‖₂ · ‖a_i‖₂`` exactly. It depends on the A/B basis.
+- spectral (basis-independent): the singular values σ_1 ≥ … ≥ σ_r of ΔW, from r×r factors; how
+  many directions the update really uses (energy ranks, stable rank, spectral effective rank).
+
+No d×k matrix is ever built. Everything is computed in float64 whatever the stored dtype.
 """
 
 from __future__ import annotations
@@ -109,6 +114,71 @@ def gini(importance: np.ndarray) -> float:
         return float("nan")
     ranks = np.arange(1, n + 1)
     return float((2 * (ranks * x).sum()) / (n * total) - (n + 1) / n)
+
+
+# ----------------------------------------------------------------------------- spectral measures
+
+ENERGY_LEVELS = (0.9, 0.95, 0.99)
+# Cumulative energies within this relative distance of a level count as reaching it, so that
+# e.g. two equal singular values give energy_rank(f=0.5) = 1 despite rounding.
+_ENERGY_TOLERANCE = 1e-12
+
+
+def cumulative_energy(spectrum: np.ndarray) -> np.ndarray:
+    """Share of ``Σσ²`` held by the first k singular values, k = 1..r (all zeros for a zero update)."""
+    energy = np.square(_as_f64(spectrum).reshape(-1))
+    total = energy.sum()
+    if not total > 0:
+        return np.zeros(energy.size)
+    return np.cumsum(energy) / total
+
+
+def energy_rank(spectrum: np.ndarray, share: float) -> int:
+    """Smallest k with ``σ_1² + … + σ_k² ≥ share · Σσ²``; 0 for a zero update (nothing learned).
+
+    Truncating to k directions leaves the relative Frobenius error ``sqrt(1 − energy share)``.
+    """
+    cumulative = cumulative_energy(spectrum)
+    if cumulative.size == 0 or not cumulative[-1] > 0:
+        return 0
+    reached = cumulative >= share * (1.0 - _ENERGY_TOLERANCE)
+    return int(np.argmax(reached)) + 1
+
+
+def energy_ranks(spectrum: np.ndarray, levels: Iterable[float] = ENERGY_LEVELS) -> dict[str, int]:
+    """``{"0.9": k90, "0.95": k95, "0.99": k99}``: :func:`energy_rank` at each level."""
+    return {f"{level:g}": energy_rank(spectrum, level) for level in levels}
+
+
+def truncation_error(spectrum: np.ndarray, k: int) -> float:
+    """Relative Frobenius error ``‖ΔW − ΔW_k‖ / ‖ΔW‖`` of the best rank-k approximation (Eckart–Young).
+
+    0 for a zero update (nothing to lose).
+    """
+    cumulative = cumulative_energy(spectrum)
+    if cumulative.size == 0 or not cumulative[-1] > 0 or k >= cumulative.size:
+        return 0.0
+    kept = cumulative[k - 1] if k >= 1 else 0.0
+    return float(math.sqrt(max(0.0, 1.0 - kept)))
+
+
+def rank_for_error(spectrum: np.ndarray, max_error: float) -> int:
+    """Smallest k whose truncation leaves a relative Frobenius error ≤ ``max_error`` (0 for a zero update)."""
+    return energy_rank(spectrum, 1.0 - max_error * max_error)
+
+
+def stable_rank(spectrum: np.ndarray) -> float:
+    """``Σσ² / σ_1²``: 1 for a rank-one update, r when all σ are equal; NaN for a zero update."""
+    s = _as_f64(spectrum).reshape(-1)
+    top = s.max() if s.size else 0.0
+    if not top > 0:
+        return float("nan")
+    return float(np.square(s).sum() / (top * top))
+
+
+def spectral_effective_rank(spectrum: np.ndarray) -> float:
+    """``exp(H(p))`` with ``p = σ / Σσ`` (Roy and Vetterli 2007); NaN for a zero update."""
+    return effective_rank(spectrum)
 
 
 def band(values: Iterable[float | None]) -> dict[str, float]:
