@@ -164,6 +164,30 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
     _finish(lines, to_json(result) if json_target else None, json_target)
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--energy", type=float, default=0.95, show_default=True,
+              help="Share of ΔW's energy (Σσ²) each module must keep, in (0, 1].")
+@click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), help="Force the checkpoint format instead of detecting it.")
+@click.option("--json", "json_target", metavar="FILE|-", help="Write the suggestion as JSON to FILE, or to stdout with '-'.")
+def suggest(path: Path, energy: float, format_: str | None, json_target: str | None) -> None:
+    """Suggest a rank per module and a global r from the spectrum of each update.
+
+    Each module keeps the smallest k whose top singular directions hold ENERGY of ΔW's energy
+    (relative Frobenius error sqrt(1 − ENERGY) at most); the global r is the 90th percentile of
+    those k. Prints a ready-to-paste PEFT LoraConfig (r, lora_alpha, rank_pattern, alpha_pattern
+    keeping each module's trained scale, rsLoRA included), or the kohya / mlx-lm equivalent. When
+    most modules need all of their rank it says so and suggests a larger r instead. PATH is an
+    adapter, or a run folder (its final adapter, else its last snapshot).
+    """
+    from .report import to_json
+    from .suggest import check_energy, suggest as run_suggest, suggest_lines
+
+    check_energy(energy)  # before anything is read
+    result = run_suggest(path, energy=energy, format=format_)
+    _finish(suggest_lines(result), to_json(result) if json_target else None, json_target)
+
+
 def _fractions(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]

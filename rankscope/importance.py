@@ -192,11 +192,29 @@ def band(values: Iterable[float | None]) -> dict[str, float]:
             "min": float(x.min()), "max": float(x.max()), "n": int(x.size)}
 
 
-def decile_band(rows: np.ndarray) -> dict[str, list[float]]:
-    """Median and inter-quartile band, decile by decile, over modules (rows of 11 deciles)."""
-    rows = _as_f64(rows).reshape(-1, DECILE_LEVELS.size)
+def curve_band(rows: np.ndarray, width: int) -> dict[str, list[float]]:
+    """Median and inter-quartile band, point by point, over modules (one curve of ``width`` points a row)."""
+    rows = _as_f64(rows).reshape(-1, width)
     if rows.shape[0] == 0:
-        empty = [float("nan")] * DECILE_LEVELS.size
+        empty = [float("nan")] * width
         return {"median": empty, "q25": empty, "q75": empty}
     q25, median, q75 = np.quantile(rows, [0.25, 0.5, 0.75], axis=0)
     return {"median": median.tolist(), "q25": q25.tolist(), "q75": q75.tolist()}
+
+
+def decile_band(rows: np.ndarray) -> dict[str, list[float]]:
+    """Median and inter-quartile band, decile by decile, over modules (rows of 11 deciles)."""
+    return curve_band(rows, DECILE_LEVELS.size)
+
+
+ENERGY_GRID = np.linspace(0.0, 1.0, 41)  # k / r, where modules of different rank meet
+
+
+def energy_curve(spectrum: np.ndarray, grid: np.ndarray = ENERGY_GRID) -> np.ndarray:
+    """Cumulative energy share against k / r, linear between the points (k/r, share of the top k), from (0, 0).
+
+    Equal singular values give the diagonal; a zero update gives all zeros.
+    """
+    cumulative = cumulative_energy(spectrum)
+    x = np.arange(cumulative.size + 1) / max(1, cumulative.size)
+    return np.interp(grid, x, np.concatenate([[0.0], cumulative]))

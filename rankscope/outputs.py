@@ -11,7 +11,7 @@ from typing import Any
 
 from .atomic import write_text
 from .errors import RankscopeError
-from .html_report import Section, write_report
+from .html_report import TWO_VIEWS, Section, write_report
 from .report import summary_lines, to_json
 
 
@@ -38,7 +38,7 @@ def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, dyn: di
 
     out_dir = Path(out_dir)
     plots = plot_analysis(document, out_dir)
-    sections = [Section("Summary", summary_lines(document), list(plots))]
+    sections = [Section("Summary", summary_lines(document), list(plots), [TWO_VIEWS])]
     if dyn is not None:
         from .dynamics import dynamics_summary_lines
         from .dynamics_plot import plot_dynamics
@@ -76,5 +76,6 @@ def write_compare(result: dict[str, Any], out_dir: str | os.PathLike, lines: lis
     json_path = out_dir / "compare.json"
     write_text(json_path, to_json(result) + "\n")
     labels = ", ".join(run["label"] for run in result["runs"])
-    report = write_report(out_dir / "report.html", f"rankscope compare: {labels}", [Section("Comparison", lines, plots)])
+    report = write_report(out_dir / "report.html", f"rankscope compare: {labels}",
+                          [Section("Comparison", lines, plots, [TWO_VIEWS])])
     return plots + [json_path, report]

@@ -193,8 +193,8 @@ def _flatness_reason(sep: dict[str, Any], table: list[dict[str, Any]], p_init: f
         return (f"importances have separated ({sep['verdict']}): the low ranks hold little mass, so a cut at p prunes "
                 f"more than the {row['flat_would_prune']} ranks equal importances would; p_init rises to keep the "
                 "first operation small")
-    return (f"importances are nearly flat (top-10% share {sep['relative_excess']:.0%} above uniform, effective rank "
-            f"{sep['final_effective_rank_ratio']:.3f} of r): a cut at p then prunes about (1 − p)·N ranks plus the "
+    return (f"slot importances are nearly flat in the per-rank view that BeamLoRA acts on (top-10% share "
+            f"{sep['relative_excess']:.0%} above uniform, effective rank {sep['final_effective_rank_ratio']:.3f} of r): a cut at p then prunes about (1 − p)·N ranks plus the "
             f"crossing one, here {row['pruned_total']} measured against {row['flat_would_prune']} for exactly equal "
             f"importances, so p_init comes out near 1 − {TARGET_SHARE:.0%}; the measured counts still decide it, and "
             "the ordering, not the size of the differences, is what BeamLoRA acts on")
@@ -238,8 +238,8 @@ def _data_warnings(dyn: dict[str, Any], threshold: float) -> list[str]:
         warnings.append(f"the rank ordering never stabilised (median Spearman < {threshold:g} at the end): "
                         "operations would act on an ordering that still changes")
     if not dyn["separation"]["separated"]:
-        warnings.append("importances have not separated (nearly flat): the recommendation rests on small "
-                        "differences; a longer pilot run gives firmer numbers")
+        warnings.append("slot importances have not separated (nearly flat, per-rank view): the recommendation "
+                        "rests on small differences; a longer pilot run gives firmer numbers")
     return warnings
 
 
