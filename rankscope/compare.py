@@ -222,7 +222,8 @@ def sweep_curves(sweep: dict[str, Any], label: str) -> dict[str, Any]:
     """Mean metric per (order, fraction), averaged over seeds, and how much worse than unpruned for most/least."""
     values: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for p in sweep["points"]:
-        if p.get("value") is not None and math.isfinite(p["value"]):
+        # The compression view's "energy" points have no per-module fraction: they stay out of the overlay.
+        if p.get("order") != "energy" and p.get("value") is not None and math.isfinite(p["value"]):
             values[p["order"]][float(p["fraction"])].append(float(p["value"]))
     baseline, higher = sweep.get("baseline"), sweep.get("higher_is_better", True)
     curves, drops = {}, {}

@@ -77,6 +77,27 @@ def update_spectrum(A: np.ndarray, B: np.ndarray, scale: float = 1.0, coefficien
     return np.pad(np.abs(values), (0, r - values.size))
 
 
+def truncated_factors(A: np.ndarray, B: np.ndarray, keep: int,
+                      coefficients: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A', B', σ): the best rank-``keep`` approximation of ``B diag(c) A`` as ``B' A'`` (Eckart–Young).
+
+    From ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (Householder QR) and the r×r SVD ``R_B R_Aᵀ = U Σ Vᵀ``:
+    ``B' = Q_B U_k Σ_k^½`` (out, k) and ``A' = Σ_k^½ V_kᵀ Q_Aᵀ`` (k, in), the singular values split
+    evenly between them; σ holds all r of them, largest first. Nothing d×k is ever formed. float64.
+    """
+    A64, B64 = _as_f64(A), _as_f64(B)
+    if coefficients is not None:
+        B64 = B64 * _as_f64(coefficients).reshape(1, -1)
+    q_b, r_b = np.linalg.qr(B64)
+    q_a, r_a = np.linalg.qr(A64.T)
+    u, sigma, vt = np.linalg.svd(r_b @ r_a.T)
+    k = max(0, min(keep, sigma.size))
+    root = np.sqrt(sigma[:k])
+    B_new = (q_b @ u[:, :k]) * root
+    A_new = (root[:, None] * vt[:k]) @ q_a.T
+    return A_new, B_new, np.pad(sigma, (0, A64.shape[0] - sigma.size))
+
+
 def deciles(importance: np.ndarray) -> np.ndarray:
     """The 0, 10, ..., 100% quantiles of the importances divided by the largest (all zeros if it is 0)."""
     importance = _as_f64(importance)

@@ -24,7 +24,7 @@ import numpy as np
 from . import importance as imp
 from .analysis import analyze_checkpoint
 from .errors import RankscopeError
-from .loading import Checkpoint, Series, discover
+from .loading import Checkpoint, resolve_adapter
 
 SCHEMA = "rankscope/suggest-v1"
 GLOBAL_QUANTILE = 0.9  # the global r keeps `energy` in this share of modules
@@ -94,18 +94,12 @@ def peft_fragment(modules: list[dict[str, Any]], ranks: list[int], r: int, rslor
     return fragment
 
 
-def _load(path: str | os.PathLike, format: str | None) -> Checkpoint:
-    """The adapter to suggest for: a checkpoint, or a run's final adapter (else its last snapshot)."""
-    found = discover(path, format)
-    if isinstance(found, Series):
-        return (found.final or found.snapshots[-1]).load()
-    return found.load()
-
-
-def suggest(path: str | os.PathLike | Checkpoint, energy: float = 0.95, format: str | None = None) -> dict[str, Any]:
-    """Suggested ranks for the adapter at ``path`` (see the module doc); returns ``rankscope/suggest-v1``."""
+def suggest(path: str | os.PathLike | Checkpoint, energy: float = 0.95, format: str | None = None,
+            step: int | None = None) -> dict[str, Any]:
+    """Suggested ranks for the adapter at ``path`` (a run folder: its final adapter, or the snapshot at ``step``);
+    see the module doc. Returns ``rankscope/suggest-v1``."""
     energy = check_energy(energy)
-    checkpoint = path if isinstance(path, Checkpoint) else _load(path, format)
+    checkpoint = resolve_adapter(path, step, format)
     snapshot = analyze_checkpoint(checkpoint)
     modules = [m for m in snapshot["modules"] if m.get("spectrum") is not None]
     if not modules:

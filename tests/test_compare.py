@@ -161,7 +161,7 @@ def test_plots_are_png(two_runs, tmp_path):
         data = path.read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC)
     no_sweeps = plot_compare(compare([even_doc, steep_doc]), tmp_path / "bare")
-    assert [p.name for p in no_sweeps] == ["compare_deciles.png", "compare_spread.png"]
+    assert [p.name for p in no_sweeps] == ["compare_deciles.png", "compare_energy.png", "compare_spread.png"]
 
 
 def test_analysis_json_input_and_bad_input(two_runs, tmp_path):
