@@ -31,7 +31,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent) + "\n")
+    """Strict JSON: NaN or Infinity raises ValueError before anything is written."""
+    write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager
