@@ -159,8 +159,19 @@ def cached_result(run: Run) -> dict[str, Any] | None:
         result = json.loads(run.result_path.read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(result, dict) and result.get("schema") == SCHEMA and result.get("config") == run.config
+    ok = isinstance(result, dict) and result.get("schema") == SCHEMA and same_config(result.get("config"), run.config)
     return result if ok else None
+
+
+def same_config(cached: Any, current: dict[str, Any]) -> bool:
+    """Equal configs, where a field the cached run did not know yet counts as equal when it has its default
+    (a TrainConfig field added later, at its default, does not change what that run trained)."""
+    from beamlora.train import TrainConfig
+
+    if not isinstance(cached, dict) or set(cached) - set(current):
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return all(cached[k] == v if k in cached else v == defaults.get(k, object()) for k, v in current.items())
 
 
 # ----------------------------------------------------------------------------- one run (in its own process)

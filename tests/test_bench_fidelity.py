@@ -93,5 +93,11 @@ def test_plan_and_cache_keys(bench, tmp_path):
     assert bench.cached_result(run)["config"] == run.config
     changed = dataclasses.replace(run, config={**run.config, "steps": 13})
     assert bench.cached_result(changed) is None  # another config: trained again, not read from the cache
+    # A result cached before a TrainConfig field existed still counts while that field is at its default.
+    older = {k: v for k, v in run.config.items() if k != "eval_every"}
+    run.result_path.write_text(json.dumps({"schema": bench.SCHEMA, "config": older, "metrics": {}}))
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["eval_every"]
+    assert (bench.cached_result(dataclasses.replace(run, config={**run.config, "eval_every": default})) is not None)
+    assert bench.cached_result(dataclasses.replace(run, config={**run.config, "eval_every": default + 1})) is None
     run.result_path.write_text("{\"schema\": ")  # a torn file counts as missing
     assert bench.cached_result(run) is None
