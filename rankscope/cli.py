@@ -55,6 +55,14 @@ def _finish(lines: list[str], json_text: str | None, json_target: str | None) ->
         _echo(lines)
 
 
+def _check_out(out_dir: Path | None) -> None:
+    """Refuse an unusable --out before any work is done (it is checked again when written)."""
+    if out_dir is not None:
+        from .atomic import check_output_folder
+
+        check_output_folder(out_dir)
+
+
 def _written(paths: list[Path]) -> list[str]:
     kinds = {".html": "report", ".json": "json", ".csv": "csv"}
     return [f"  {kinds.get(p.suffix, 'plot'):<15}{p}" for p in paths]
@@ -85,6 +93,7 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
     from .outputs import temporal_view
     from .report import summary_lines, to_json
 
+    _check_out(out_dir)
     document = run_analysis(path, format=format_, spectrum=spectrum, progress=progress)
     dyn, rec, temporal_lines = temporal_view(document)
     if dyn is not None:
@@ -118,17 +127,16 @@ def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, o
     from .recommend import recommend as run_recommend
     from .report import to_json
 
+    _check_out(out_dir)
     document = analyze_or_read(run_dir, progress=progress)
     dyn = dynamics(document, include_trajectories=False)
     rec = run_recommend(document, total_steps=total_steps, dyn=dyn)
     lines = [f"recommendation for a BeamLoRA run like {document.get('path')}"] + ["  " + x for x in recommendation_lines(rec)]
     if out_dir is not None:
-        from .atomic import write_text
         from .outputs import write_analysis
 
-        write_text(out_dir / "recommend.json", to_json(rec) + "\n")
         series = dyn if len(document["snapshots"]) > 1 else None
-        lines += _written([out_dir / "recommend.json"] + write_analysis(document, out_dir, series, rec))
+        lines += _written(write_analysis(document, out_dir, series, rec, extra={"recommend.json": to_json(rec) + "\n"}))
     _finish(lines, to_json(rec) if json_target else None, json_target)
 
 
@@ -152,6 +160,7 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
 
     if len(paths) < 2:
         raise RankscopeError(f"{len(paths)} path given: expected at least two runs to compare")
+    _check_out(out_dir)
     names = [x.strip() for x in labels.split(",")] if labels else None
     if names is not None and len(names) != len(paths):
         raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
@@ -303,7 +312,8 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, 
     from .sweeps import ORDERS, resolve_adapter, sweep as run_sweep
     from .sweep_task import build_task
 
-    # Options first: a typo should not cost a model load.
+    # Options first: a typo (or an --out that cannot be written) should not cost a model load.
+    _check_out(out_dir)
     fraction_list = _fractions(fractions)
     energy_list = _energies(energies)
     order_list = [o.strip() for o in orders.split(",") if o.strip()]

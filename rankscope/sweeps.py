@@ -353,19 +353,22 @@ class SweepResult:
         return f"{line} ({tail})" if line else f"no fraction above 0 was swept ({tail})"
 
     def save(self, out_dir: str | os.PathLike, title: str | None = None) -> list[Path]:
-        """Write ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``out_dir`` (each atomically)."""
-        from .atomic import write_text
+        """Write ``sweep.json``, ``sweep.csv``, ``sweep.png`` (and ``compression.png``) into ``out_dir``, the folder
+        built aside and swapped in whole (an earlier rankscope output folder is replaced, anything else refused)."""
+        from .atomic import output_folder, write_text
         from .sweep_plot import plot_compression, plot_sweep
 
         out_dir = Path(out_dir)
-        paths = [out_dir / "sweep.json", out_dir / "sweep.csv"]
-        write_text(paths[0], self.to_json() + "\n")
-        write_text(paths[1], self.to_csv())
-        document = self.to_dict()
-        paths.append(plot_sweep(document, out_dir / "sweep.png", title=title))
-        if any(p.order == "energy" for p in self.points):
-            paths.append(plot_compression(document, out_dir / "compression.png", title=title))
-        return paths
+        names = ["sweep.json", "sweep.csv", "sweep.png"]
+        with output_folder(out_dir) as tmp:
+            write_text(tmp / "sweep.json", self.to_json() + "\n")
+            write_text(tmp / "sweep.csv", self.to_csv())
+            document = self.to_dict()
+            plot_sweep(document, tmp / "sweep.png", title=title)
+            if any(p.order == "energy" for p in self.points):
+                plot_compression(document, tmp / "compression.png", title=title)
+                names.append("compression.png")
+        return [out_dir / name for name in names]
 
 
 def _fmt(x: float | None) -> str:
