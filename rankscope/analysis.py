@@ -160,9 +160,29 @@ def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def analysis_threads() -> int:
+    """Modules analysed at once: the usable cores (at most 4), or ``RANKSCOPE_THREADS``."""
+    try:
+        return max(1, int(os.environ["RANKSCOPE_THREADS"]))
+    except (KeyError, ValueError):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(4, cores))
+
+
 def analyze_checkpoint(checkpoint: Checkpoint, spectrum: bool = True) -> dict[str, Any]:
-    """One element of the document's ``snapshots`` list."""
-    modules = [analyze_module(m, spectrum) for m in checkpoint.modules]
+    """One element of the document's ``snapshots`` list.
+
+    Modules are independent, and numpy releases the GIL inside its kernels, so they are analysed on
+    a few threads (each with single-threaded BLAS: small r×r work shares out badly within one module).
+    """
+    threads = analysis_threads()
+    if threads > 1 and len(checkpoint.modules) > 8:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            modules = list(pool.map(lambda m: analyze_module(m, spectrum), checkpoint.modules))
+    else:
+        modules = [analyze_module(m, spectrum) for m in checkpoint.modules]
     return {
         "step": checkpoint.step,
         "path": str(checkpoint.path),
