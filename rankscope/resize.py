@@ -184,7 +184,11 @@ def _stored(array: np.ndarray, like: tuple[int, ...], transposed: bool) -> np.nd
 
 def _new_factors(module: LoraModule, rule: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int, float, bool]:
     """(A', B', k, error, zero) for one module under ``rule``."""
-    A_full, B_full, sigma = imp.truncated_factors(module.A, module.B, module.rank, module.rank_weights)
+    A, B = module.A, module.B
+    if not (np.isfinite(A).all() and np.isfinite(B).all()):
+        raise RankscopeError(f"{module.name} holds NaN or Inf in its A or B: it has no best rank-k approximation; "
+                             "expected finite weights (rankscope analyze reports which modules are affected)")
+    A_full, B_full, sigma = imp.truncated_factors(A, B, module.rank, module.rank_weights)
     zero = not sigma.any()
     k = module_rank(sigma, module.rank, energy=rule["energy"], fixed=rule["rank"], max_error=rule["max_error"],
                     module_min=rule["module_min"])

@@ -102,6 +102,7 @@ def suggest(path: str | os.PathLike | Checkpoint, energy: float = 0.95, format: 
     checkpoint = resolve_adapter(path, step, format)
     snapshot = analyze_checkpoint(checkpoint)
     modules = [m for m in snapshot["modules"] if m.get("spectrum") is not None]
+    broken = [m["name"] for m in snapshot["modules"] if m.get("spectrum") is None]
     if not modules:
         raise RankscopeError(f"{checkpoint.path}: no module has a finite spectrum (all hold NaN or Inf): "
                              "nothing to suggest from")
@@ -138,6 +139,9 @@ def suggest(path: str | os.PathLike | Checkpoint, energy: float = 0.95, format: 
         # Growing a rank loses nothing; truncating loses the energy beyond the kept directions.
         row["error"] = imp.truncation_error(m["spectrum"], row["suggested"])
         row["energy_kept"] = 1.0 - row["error"] ** 2
+    if broken:
+        notes.append(f"{len(broken)} module(s) hold NaN or Inf and get no suggestion ({broken[0]}"
+                     f"{', ...' if len(broken) > 1 else ''})")
     zero = [row for row in rows if row["zero"]]
     if zero:
         notes.append(f"{len(zero)} module(s) have a zero update (nothing learned there): they get rank 1 here; "

@@ -372,3 +372,18 @@ def test_cli_validate_on_the_task_and_json(tmp_path):
     assert document["schema"] == "rankscope/resize-v1" and len(document["modules"]) == 12
     assert document["validation"]["before"] == pytest.approx(validation["before"], rel=1e-9)
     assert "loss" in cut.stderr and "->" in cut.stderr and "parameters" in cut.stderr
+
+
+def test_a_module_with_nan_is_named_and_nothing_is_written(tmp_path):
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(4, 6)).astype(np.float32)
+    bad = A.copy()
+    bad[1, 1] = np.nan
+    (tmp_path / "in").mkdir()
+    save_numpy({"base_model.model.a.0.q.lora_A.weight": A, "base_model.model.a.0.q.lora_B.weight": np.ones((5, 4), np.float32),
+                "base_model.model.a.1.q.lora_A.weight": bad, "base_model.model.a.1.q.lora_B.weight": np.ones((5, 4), np.float32)},
+               tmp_path / "in" / "adapter_model.safetensors")
+    (tmp_path / "in" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4}))
+    done = cli("resize", tmp_path / "in", "--out", tmp_path / "out", "--energy", "0.9")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "base_model.model.a.1.q holds NaN or Inf" in done.stderr and not (tmp_path / "out").exists()
