@@ -142,8 +142,9 @@ def _check_out(given: Path, weights: Path, out: Path, overwrite: bool) -> None:
     """Never write into or over the input; replace an existing folder only with --overwrite and only if it holds
     an adapter (so --overwrite can never delete something else)."""
     folder, target = weights.parent.resolve(), out.resolve()
-    inside_input = given.is_dir() and given.resolve() in target.parents
-    if target == folder or target in folder.parents or target == given.resolve() or inside_input:
+    # The adapter's folder, the path given, or any folder holding them would be replaced: never the input.
+    # A new folder inside a run folder (runs/x/resized-95) is fine: nothing of the input is touched.
+    if target in (folder, given.resolve()) or target in folder.parents:
         raise RankscopeError(f"--out {out} overlaps the input {given}: expected a separate folder "
                              "(the input is never modified)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
