@@ -22,7 +22,8 @@ import numpy as np
 
 from .errors import RankscopeError
 from .importance import band, decile_band
-from .report import SWEEP_SCHEMA, read_json
+from .report import SWEEP_SCHEMA
+from .validate import check_sweep, read_json
 
 SCHEMA = "rankscope/compare-v1"
 ANALYSIS_SCHEMA = "rankscope/analysis-v1"
@@ -268,7 +269,7 @@ def find_sweep(path: str | os.PathLike) -> Path | None:
 
 
 def read_sweep(path: str | os.PathLike) -> dict[str, Any]:
-    return _check_sweep(read_json(path, "a sweep JSON"), str(path))
+    return check_sweep(_check_sweep(read_json(path, "a sweep JSON"), str(path)), path)
 
 
 def load_run_for_compare(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
