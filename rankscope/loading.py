@@ -17,7 +17,7 @@ from typing import Iterator
 from .errors import RankscopeError
 from .formats import LoraModule, parse_checkpoint, per_rank_vector
 from .tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
-from .validate import (ADAPTER_CONFIG, TRAINER_STATE, check_event, check_trainer_state, parse_json,
+from .validate import (ADAPTER_CONFIG, TRAINER_STATE, check_event, check_trainer_state, open_regular, parse_json,
                        read_json as _read_json)
 
 # Weight files by the name each tool gives them, most specific first.
@@ -176,11 +176,11 @@ class Series:
         """BeamLoRA operations from ``events.jsonl``, if the run wrote any."""
         if self.events_path is None:
             return []
-        try:
-            with open(self.events_path, "rb") as f:
+        with open_regular(self.events_path, "BeamLoRA events, one JSON object per line") as f:
+            try:
                 lines = f.read().splitlines()
-        except OSError as e:
-            raise RankscopeError(f"{self.events_path} could not be read ({e.strerror or e})") from None
+            except OSError as e:
+                raise RankscopeError(f"{self.events_path} could not be read ({e.strerror or e})") from None
         events = []
         for number, line in enumerate(lines, 1):
             if line.strip():

@@ -22,7 +22,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from .errors import RankscopeError
-from .validate import describe, is_int
+from .validate import describe, is_int, open_regular
 
 # dtype name in the safetensors header -> (numpy dtype, bytes per element); BF16 stays raw.
 _SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, int]] = {
@@ -250,11 +250,7 @@ class SafetensorsFile(TensorFile):
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise RankscopeError(f"{path} could not be read ({e.strerror or e}): expected a safetensors file") from None
-        with f:
+        with open_regular(path, "a safetensors file") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(64)
             problem = _describe_non_safetensors(path, head, size)
@@ -322,8 +318,8 @@ class PickleFile(TensorFile):
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "a PyTorch file") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(64)
         if head.startswith(b"version https://git-lfs") or size < 8:
             raise RankscopeError(_describe_non_safetensors(path, head, size).replace("a safetensors file", "a PyTorch file"))

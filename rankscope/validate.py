@@ -14,7 +14,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, NoReturn
+import stat
+from typing import Any, BinaryIO, Callable, NoReturn
 
 from .errors import RankscopeError
 
@@ -40,13 +41,23 @@ def parse_json(text: str | bytes, source: str, what: str) -> Any:
         raise RankscopeError(f"{source} is not valid JSON ({e}): expected {what}") from None
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Read and parse a JSON file strictly; OS errors (a loop, a folder, no permission) say so too."""
+def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
+    """Open a regular file for reading; a loop, a folder, a FIFO (which would block) or no permission is one error."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise RankscopeError(f"{path} is not a regular file: expected {what}")
+        return open(path, "rb")
     except OSError as e:
         raise RankscopeError(f"{path} could not be read ({e.strerror or e}): expected {what}") from None
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read and parse a JSON file strictly."""
+    with open_regular(path, what) as f:
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise RankscopeError(f"{path} could not be read ({e.strerror or e}): expected {what}") from None
     return parse_json(raw, str(path), what)
 
 
@@ -383,5 +394,5 @@ def check_sweep(sweep: Any, path: str | os.PathLike) -> dict[str, Any]:
     return check(sweep, _SWEEP, str(path), SWEEP)
 
 
-__all__ = ["parse_json", "read_json", "check", "fail", "describe", "check_adapter_config", "check_temperature",
+__all__ = ["open_regular", "parse_json", "read_json", "check", "fail", "describe", "check_adapter_config", "check_temperature",
            "check_trainer_state", "check_event", "check_run_config", "check_analysis", "check_sweep"]

@@ -29,7 +29,7 @@ A_NAME, B_NAME = "base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rankscope.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)  # a hang fails, not blocks
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -408,6 +408,19 @@ def test_symlink_loops_and_dangling_links_say_what_they_are(tmp_path):
     (folder / "adapter_model.safetensors").unlink()
     os.symlink("adapter_model.safetensors", folder / "adapter_model.safetensors")
     assert_one_error_line(run_cli("analyze", folder), "adapter_model.safetensors is a symbolic link loop")
+
+
+def test_a_fifo_or_a_folder_where_a_file_belongs_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "pipe.safetensors")  # opening a FIFO would block until a writer came
+    assert_one_error_line(run_cli("analyze", tmp_path / "pipe.safetensors"), "is not a regular file",
+                          "expected a safetensors file")
+    folder = write_adapter(tmp_path / "a", None)
+    os.mkfifo(folder / "adapter_config.json")
+    assert_one_error_line(run_cli("analyze", folder), "adapter_config.json is not a regular file",
+                          "expected the adapter's configuration")
+    folder = write_adapter(tmp_path / "b", None)
+    (folder / "adapter_config.json").mkdir()
+    assert_one_error_line(run_cli("analyze", folder), "adapter_config.json is not a regular file")
 
 
 # ----------------------------------------------------------------------------- JSON documents read back
