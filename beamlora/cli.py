@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .config import ABLATIONS, MAX_SEED
 from .errors import BeamLoraError
 from .train import TrainConfig
 
@@ -40,20 +41,25 @@ DEFAULTS = TrainConfig()
               help="BeamLoRA: top-p threshold at the first operation.")
 @click.option("--delta-t", type=click.IntRange(min=2), default=DEFAULTS.delta_t, show_default=True,
               help="BeamLoRA: steps between operations.")
+@click.option("--ablation", type=click.Choice(ABLATIONS), default=DEFAULTS.ablation, show_default=True,
+              help="BeamLoRA: the paper's Table 3 controls. no-expansion: prune only (pruned ranks zeroed for good); "
+                   "random: as many ranks as the top-p cut, chosen (and their sources) at random, seeded; "
+                   "fixed-p: p stays at p_init until end_step.")
 @click.option("--snapshot-every", type=click.IntRange(min=0), default=DEFAULTS.snapshot_every, show_default=True,
               help="Write RUN_DIR/step-NNNNNN/ every N steps (0: none).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=DEFAULTS.eval_every, show_default=True,
               help="Held-out evaluation every N steps (always at the end).")
 @click.option("--held-out", type=click.IntRange(min=1), default=DEFAULTS.held_out, show_default=True,
               help="Examples kept out of training (fixed, seeded split).")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+              help=f"Seed of the split, the initialisation, the data order and the random ablation (0 … {MAX_SEED}).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=DEFAULTS.out, show_default=True,
               help="Run folder: snapshots, events.jsonl, metrics.jsonl, config.json, final/.")
 @click.option("--overwrite", is_flag=True, help="Replace RUN_DIR if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def train(model: str, data: str, method: str, rank: int, alpha: float, targets: str | None, steps: int, batch_size: int,
-          lr: float, p_init: float, delta_t: int, snapshot_every: int, eval_every: int, held_out: int, seed: int,
-          out: Path, overwrite: bool, progress: bool) -> None:
+          lr: float, p_init: float, delta_t: int, ablation: str, snapshot_every: int, eval_every: int, held_out: int,
+          seed: int, out: Path, overwrite: bool, progress: bool) -> None:
     """Train a LoRA or BeamLoRA adapter and report held-out accuracy.
 
     With no options: MiniLM (all-MiniLM-L6-v2) sequence classification on Rotten Tomatoes
@@ -64,11 +70,13 @@ def train(model: str, data: str, method: str, rank: int, alpha: float, targets: 
 
     config = TrainConfig(model=model, data=data, method=method, rank=rank, alpha=alpha,
                          targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-                         steps=steps, batch_size=batch_size, lr=lr, p_init=p_init, delta_t=delta_t,
+                         steps=steps, batch_size=batch_size, lr=lr, p_init=p_init, delta_t=delta_t, ablation=ablation,
                          snapshot_every=snapshot_every or None, eval_every=eval_every or None, held_out=held_out,
                          seed=seed, out=str(out))
     result = run_training(config, overwrite=overwrite, progress=progress)
     events = f", {result.events} BeamLoRA events" if method == "beamlora" else ""
+    if ablation != "none":
+        events += f" (ablation {ablation})"
     click.echo(f"{method} on {model} / {data}: held-out accuracy {result.accuracy:.4f} "
                f"(majority class {result.majority_rate:.4f}){events}")
     click.echo(f"  run folder     {result.run_dir}   (rankscope analyze {result.run_dir} --out {result.run_dir}/report)")

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BeamLoraError
+from .selection import MIN_DELTA_T, default_end_step
 
 SCOPES = ("global", "module")
 OPTIMIZER_STATES = ("history", "official", "reset")
+ABLATIONS = ("none", "no-expansion", "random", "fixed-p")  # the paper's Table 3
+MAX_SEED = 2**32 - 1  # numpy's and transformers' set_seed accept 0 … 2**32 − 1
 
 
 @dataclass
@@ -35,7 +38,19 @@ class BeamLoraConfig:
             ``"reset"``: zeros.
         max_fraction: at most this share of a module's ranks is pruned in one operation. At 0.5 or
             below there are always enough kept ranks to serve as sources.
-        seed: recorded with the run; the controller itself draws no random numbers.
+        ablation: the paper's Table 3 controls. ``"none"``: BeamLoRA as described. ``"no-expansion"``:
+            prune only: each pruned slot's a_i and b_i and their Adam moments are set to zero, and
+            with a_i = b_i = 0 the slot receives no gradient (each one's gradient is proportional to
+            the other), so it stays exactly zero for the rest of the run (weight decay keeps zero at
+            zero); dead slots take no part in later operations (not assessed, not pruned again,
+            never a source) and the cap counts live slots only, so every module keeps at least one;
+            their scores stay trainable but no longer matter to the output. ``"random"``: each
+            module prunes as many slots as the top-p cut and cap decide, but which slots, and which
+            kept slots feed them, is drawn at random from a numpy Generator seeded with
+            (``seed``, step): the same on every process, and the global RNG is left alone.
+            ``"fixed-p"``: p stays at ``p_init`` until ``end_step`` instead of rising on the cosine.
+        seed: seeds the "random" ablation's draws (with the step); otherwise only recorded.
+            An integer in 0 … 2**32 − 1.
         snapshot_every: write ``output_dir/step-NNNNNN/`` (plain PEFT adapter plus raw scores)
             every this many steps; ``None`` writes none.
         output_dir: where snapshots and ``events.jsonl`` go; ``None`` keeps events in memory only.
@@ -49,6 +64,7 @@ class BeamLoraConfig:
     scope: str = "global"
     optimizer_state: str = "history"
     max_fraction: float = 0.5
+    ablation: str = "none"
     seed: int = 0
     snapshot_every: int | None = None
     output_dir: str | Path | None = None
@@ -56,7 +72,8 @@ class BeamLoraConfig:
     def __post_init__(self) -> None:
         checks = [
             (0.0 < self.p_init <= 1.0, f"p_init={self.p_init!r}, expected a number in (0, 1]"),
-            (isinstance(self.delta_t, int) and self.delta_t >= 2, f"delta_t={self.delta_t!r}, expected an integer ≥ 2"),
+            (isinstance(self.delta_t, int) and self.delta_t >= MIN_DELTA_T,
+             f"delta_t={self.delta_t!r}, expected an integer ≥ {MIN_DELTA_T}"),
             (isinstance(self.total_steps, int) and self.total_steps >= 1,
              f"total_steps={self.total_steps!r}, expected a positive integer"),
             (self.end_step is None or (isinstance(self.end_step, int) and 1 <= self.end_step <= self.total_steps),
@@ -67,6 +84,9 @@ class BeamLoraConfig:
             (self.optimizer_state in OPTIMIZER_STATES,
              f"optimizer_state={self.optimizer_state!r}, expected one of {', '.join(OPTIMIZER_STATES)}"),
             (0.0 < self.max_fraction < 1.0, f"max_fraction={self.max_fraction!r}, expected a number in (0, 1)"),
+            (self.ablation in ABLATIONS, f"ablation={self.ablation!r}, expected one of {', '.join(ABLATIONS)}"),
+            (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
+             f"seed={self.seed!r}, expected an integer in 0 … {MAX_SEED} (2**32 − 1)"),
             (self.snapshot_every is None or (isinstance(self.snapshot_every, int) and self.snapshot_every >= 1),
              f"snapshot_every={self.snapshot_every!r}, expected None or a positive integer"),
         ]
@@ -76,7 +96,7 @@ class BeamLoraConfig:
 
     @property
     def resolved_end_step(self) -> int:
-        return self.end_step if self.end_step is not None else (2 * self.total_steps) // 3
+        return self.end_step if self.end_step is not None else default_end_step(self.total_steps)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -4,6 +4,10 @@ Timeline for Δt = 100: the historical snapshot (A, B and their Adam moments) is
 50, the operation runs at step 100 and copies a source's step-50 values into each pruned slot,
 the next snapshot is at 150, and so on until ``end_step`` (p reaches 1) or until fewer than Δt
 steps remain.
+
+Ablations (``BeamLoraConfig.ablation``, the paper's Table 3) change one part each: "no-expansion"
+zeroes the pruned slots for good instead of refilling them, "random" draws which slots are pruned
+and which feed them, "fixed-p" holds p at p_init. Every event records the ablation it ran under.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from rankscope.atomic import write_text
 from .config import BeamLoraConfig
 from .errors import BeamLoraError
 from .layer import ScoredLayer, add_scores
-from .selection import plan_operation, top_p
+from .selection import is_operation_step, plan_operation, top_p
 from .snapshots import is_main_process, snapshot_dir, write_adapter
 
 EVENTS_FILE = "events.jsonl"
@@ -60,6 +64,7 @@ class BeamLoraController:
         self.step_count = 0
         self.history: dict[str, History] | None = None
         self.events: list[dict[str, Any]] = []
+        self.dead: dict[str, set[int]] = {}  # "no-expansion": slots pruned for good, per module
         self._checked_optimizer = False
 
     # ------------------------------------------------------------------ schedule
@@ -69,19 +74,20 @@ class BeamLoraController:
         return self.config.resolved_end_step
 
     def p(self, step: int) -> float:
-        return top_p(step, self.config.p_init, self.end_step)
+        return top_p(step, self.config.p_init, self.end_step, dynamic=self.config.ablation != "fixed-p")
 
     def operation_due(self, step: int) -> bool:
         """At multiples of Δt, before end_step, with at least Δt steps left in the run."""
         c = self.config
-        return (step > 0 and step % c.delta_t == 0 and step < self.end_step
-                and step + c.delta_t <= c.total_steps and self.p(step) < 1.0)
+        return is_operation_step(step, c.delta_t, self.end_step, c.total_steps) and self.p(step) < 1.0
 
     def operation_steps(self) -> list[int]:
         return [t for t in range(self.config.delta_t, self.config.total_steps + 1, self.config.delta_t)
                 if self.operation_due(t)]
 
     def history_due(self, step: int) -> bool:
+        if self.config.ablation == "no-expansion":
+            return False  # nothing is refilled, so no historical values are needed
         half = self.config.delta_t // 2
         return self.operation_due(step + half)
 
@@ -145,23 +151,65 @@ class BeamLoraController:
                 out.append(torch.softmax(s / layer.temperature, dim=0).cpu().numpy())
         return out
 
+    def _rng(self, t: int) -> np.random.Generator:
+        """The "random" ablation's draws for the operation at step t: a private Generator, the same
+        on every process and after a resume (seeded from the config's seed and the step alone)."""
+        return np.random.default_rng([self.config.seed, t])
+
     def _operate(self, optimizer: torch.optim.Optimizer, t: int) -> list[dict[str, Any]]:
-        if self.history is None:
+        ablation = self.config.ablation
+        expand = ablation != "no-expansion"
+        if expand and self.history is None:
             raise BeamLoraError(f"step {t}: no historical snapshot to expand from (the controller missed step "
                                 f"{t - self.config.delta_t // 2}); call controller.step after every optimizer step")
         importances = self._importances()
+        for layer, values in zip(self.layers, importances):
+            if not np.isfinite(values).all():
+                raise BeamLoraError(f"step {t}: the BeamLoRA scores of {layer.name} are not finite (the run has "
+                                    "diverged); expected finite scores to assess the ranks (a smaller lr usually helps)")
         p = self.p(t)
-        plans = plan_operation(importances, p, self.config.scope, self.config.max_fraction)
+        live = [self._live(layer) for layer in self.layers]
+        plans = plan_operation(importances, p, self.config.scope, self.config.max_fraction, live=live,
+                               rng=self._rng(t) if ablation == "random" else None)
         events = []
         for layer, values, (slots, sources) in zip(self.layers, importances, plans):
-            if slots.size:
+            if not expand:
+                sources = sources[:0]
+                if slots.size:
+                    self._prune_for_good(optimizer, layer, slots)
+            elif slots.size:
                 self._expand(optimizer, layer, self.history[layer.name], slots, sources)
             events.append({"step": t, "p": p, "module": layer.name, "pruned": slots.tolist(),
-                           "sources": sources.tolist(), "importance": (values * layer.rank).tolist()})
+                           "sources": sources.tolist(), "importance": (values * layer.rank).tolist(),
+                           "ablation": ablation})
         self.history = None  # the next operation expands from a fresh snapshot
         self.events.extend(events)
         self._write_events()
         return events
+
+    def _live(self, layer: ScoredLayer) -> np.ndarray:
+        mask = np.ones(layer.rank, dtype=bool)
+        mask[sorted(self.dead.get(layer.name, ()))] = False
+        return mask
+
+    def _prune_for_good(self, optimizer: torch.optim.Optimizer, layer: ScoredLayer, slots: np.ndarray) -> None:
+        """The "no-expansion" ablation: a_i = b_i = 0 and their Adam moments too. Each one's gradient is
+        proportional to the other, so the slot gets no gradient, and with no momentum left Adam does not
+        move it: it stays exactly zero for the rest of the run (weight decay keeps zero at zero)."""
+        dst = torch.as_tensor(slots, device=layer.A.device)
+        with torch.no_grad():
+            layer.A[dst] = 0
+            layer.B[:, dst] = 0
+            for key in (*MOMENTS, "max_exp_avg_sq"):  # max_exp_avg_sq: AMSGrad
+                if key in optimizer.state.get(layer.A, {}):
+                    optimizer.state[layer.A][key][dst] = 0
+                if key in optimizer.state.get(layer.B, {}):
+                    optimizer.state[layer.B][key][:, dst] = 0
+            for key in MOMENTS:  # as after every operation: the score vector's moments start afresh
+                state = optimizer.state.get(layer.score, {})
+                if key in state:
+                    state[key].zero_()
+        self.dead.setdefault(layer.name, set()).update(int(i) for i in slots)
 
     def _expand(self, optimizer: torch.optim.Optimizer, layer: ScoredLayer, history: History,
                 slots: np.ndarray, sources: np.ndarray) -> None:
@@ -200,7 +248,7 @@ class BeamLoraController:
 
     def _write_events(self) -> None:
         if self.config.output_dir and is_main_process():
-            lines = "".join(json.dumps(event) + "\n" for event in self.events)
+            lines = "".join(json.dumps(event, allow_nan=False) + "\n" for event in self.events)
             write_text(Path(self.config.output_dir) / EVENTS_FILE, lines)
 
     def save_snapshot(self, step: int | None = None) -> Path | None:
@@ -227,7 +275,8 @@ class BeamLoraController:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: step, scores, the pending historical snapshot, events.
 
-        The controller draws no random numbers, so there is no random state of its own to save.
+        The "random" ablation seeds a fresh Generator from (seed, step) at each operation, so there
+        is no random state to save; "no-expansion"'s dead slots are read back from the events.
         """
         history = None if self.history is None else {
             name: {"A": h.A, "B": h.B, **h.moments} for name, h in self.history.items()}
@@ -250,6 +299,10 @@ class BeamLoraController:
             self.history = {name: History(h["A"], h["B"], {k: v for k, v in h.items() if k not in ("A", "B")})
                             for name, h in state["history"].items()}
         self.events = json.loads(state["events"])
+        self.dead = {}
+        if self.config.ablation == "no-expansion":  # the dead slots are the union of all pruned ones
+            for event in self.events:
+                self.dead.setdefault(event["module"], set()).update(event["pruned"])
 
     def detach(self) -> None:
         """Remove the forward hooks (the scores stay on the layers)."""

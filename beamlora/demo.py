@@ -1,7 +1,10 @@
 """``make demo``: LoRA and BeamLoRA side by side on the embedded default, then rankscope on both.
 
 Same model (MiniLM), data (Rotten Tomatoes), seed, split, steps and snapshots for both runs; only
-the method differs. Ends with both held-out accuracies and where the reports and plots are.
+the method differs. Each run is analysed in both views (per-rank and spectral), swept (least / most
+important slots pruned, and the compression view), and resized to 95% of each module's energy with
+the accuracy checked before and after. Ends with both held-out accuracies, the resized sizes and
+accuracies, and where the reports and plots are.
 
     python -m beamlora.demo [--out demo_runs] [--steps 240]
 """
@@ -22,6 +25,7 @@ from .train import TrainConfig
 # The setting of the method notes' small-scale measurement: 360 steps of batch 16, Δt 60.
 DEMO = TrainConfig(steps=360, eval_every=180, snapshot_every=40, delta_t=60, held_out=1000)
 SWEEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+SWEEP_ENERGIES = (0.8, 0.95)  # the compression view: each module keeps this share of its energy
 SWEEP_EXAMPLES = 300
 
 
@@ -46,14 +50,16 @@ def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out) -> in
         print(f"== training {method} ({steps} steps) ==", file=sys.stderr)
         results[method] = train(demo_config(method, steps, held_out, out), overwrite=True)
 
-    documents, sweeps = {}, {}
+    documents, sweeps, resized = {}, {}, {}
     for method, result in results.items():
         document = analyze(result.run_dir, progress=False)
         dyn, rec, _ = temporal_view(document)
         write_analysis(document, result.run_dir / "report", dyn, rec)
         documents[method] = document
-        print(f"== sweeping {method}: least / most important ranks pruned ==", file=sys.stderr)
+        print(f"== sweeping {method}: least / most important ranks pruned, and the compression view ==", file=sys.stderr)
         sweeps[method] = sweep_run(result.run_dir)
+        print(f"== resizing {method} to 95% of each module's energy, checked on the held-out split ==", file=sys.stderr)
+        resized[method] = resize_run(result.run_dir)
     comparison = compare([documents["lora"], documents["beamlora"]], ["LoRA", "BeamLoRA"],
                          [sweeps["lora"], sweeps["beamlora"]])
     lines = compare_lines(comparison)
@@ -67,6 +73,14 @@ def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out) -> in
         name = "BeamLoRA" if method == "beamlora" else "LoRA"
         print(f"{name:9} held-out accuracy {result.accuracy:.4f}   (majority class {result.majority_rate:.4f}; "
               f"report {result.run_dir / 'report' / 'report.html'})")
+    print()
+    for method, result in resized.items():
+        name = "BeamLoRA" if method == "beamlora" else "LoRA"
+        d, v = result.to_dict(), result.validation
+        print(f"{name:9} resized to 95% energy: ranks {d['ranks_before']['median']:g} -> median "
+              f"{d['ranks_after']['median']:g} (range {d['ranks_after']['min']:g}–{d['ranks_after']['max']:g}), "
+              f"LoRA parameters {d['params_after'] / d['params_before']:.0%} kept, file {d['bytes_before'] / 2**20:.2f} -> "
+              f"{d['bytes_after'] / 2**20:.2f} MiB, accuracy {v['before']:.4f} -> {v['after']:.4f} ({result.out})")
     print(f"comparison  {out / 'compare' / 'report.html'}")
     print(f"took {time.perf_counter() - started:.0f} s")
     return 0
@@ -82,10 +96,24 @@ def sweep_run(run_dir: Path) -> dict:
     checkpoint = resolve_adapter(run_dir)
     task = build_task(checkpoint, None, None, "accuracy", SWEEP_EXAMPLES, read_run_config(run_dir))
     result = sweep(task.model, checkpoint, task.evaluate, fractions=SWEEP_FRACTIONS, orders=("least", "most"),
-                   spectral=False, metric="accuracy")
+                   spectral=False, metric="accuracy", energies=SWEEP_ENERGIES)
     result.save(run_dir / "sweep", title=f"{run_dir.name}: {task.description}")
     print(f"  {run_dir.name}: {result.summary_line()}", file=sys.stderr)
     return result.to_dict()
+
+
+def resize_run(run_dir: Path):
+    """``rankscope resize RUN --energy 0.95 --validate``: the final adapter, smaller, and both on the held-out split."""
+    from rankscope.loading import resolve_adapter
+    from rankscope.resize import resize, validate
+
+    from .train import read_run_config
+
+    result = resize(run_dir, run_dir / "resized-95", energy=0.95, overwrite=True)
+    result.validation = validate(resolve_adapter(run_dir), result.out, run_config=read_run_config(run_dir))
+    for line in result.summary_lines():
+        print(f"  {line}", file=sys.stderr)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

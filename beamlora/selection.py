@@ -2,7 +2,8 @@
 
 Importances here are the per-module softmax probabilities ``softmax(s / T)`` (each module sums
 to 1), i.e. ``w / r``. Ties are broken by slot index, so every process of a distributed run, given
-the same scores, makes the same choice.
+the same scores, makes the same choice. The schedule (``end_step``, which steps operate, the
+smallest Δt) lives here too, so ``rankscope recommend`` plans with exactly the trainer's rules.
 """
 
 from __future__ import annotations
@@ -13,10 +14,34 @@ from typing import Sequence
 import numpy as np
 
 
-def top_p(step: int, p_init: float, end_step: int) -> float:
-    """Dynamic threshold ``p(t) = p_init + ½ (1 − p_init)(1 − cos(π t / T_end))``; 1 from T_end on."""
+MIN_DELTA_T = 2  # the historical snapshot sits Δt/2 steps before an operation: Δt = 1 leaves no room
+
+
+def default_end_step(total_steps: int) -> int:
+    """T_end when none is given: two thirds of the run, rounded down (the authors prune in 2 of 3 epochs)."""
+    return (2 * total_steps) // 3
+
+
+def is_operation_step(step: int, delta_t: int, end_step: int, total_steps: int) -> bool:
+    """An operation runs at multiples of Δt strictly before end_step, with at least Δt steps still to go."""
+    return step > 0 and step % delta_t == 0 and step < end_step and step + delta_t <= total_steps
+
+
+def operation_steps(delta_t: int, end_step: int, total_steps: int) -> list[int]:
+    """Every step :func:`is_operation_step` accepts (p_init < 1 assumed: at p = 1 nothing is pruned)."""
+    return [t for t in range(delta_t, min(end_step, total_steps + 1), delta_t)
+            if is_operation_step(t, delta_t, end_step, total_steps)]
+
+
+def top_p(step: int, p_init: float, end_step: int, dynamic: bool = True) -> float:
+    """Dynamic threshold ``p(t) = p_init + ½ (1 − p_init)(1 − cos(π t / T_end))``; 1 from T_end on.
+
+    ``dynamic=False`` (the "fixed-p" ablation) holds p at p_init until T_end instead.
+    """
     if step >= end_step:
         return 1.0
+    if not dynamic:
+        return p_init
     return p_init + 0.5 * (1.0 - p_init) * (1.0 - math.cos(math.pi * step / end_step))
 
 
@@ -81,8 +106,41 @@ def pair_sources(importance: np.ndarray, pruned: np.ndarray) -> tuple[np.ndarray
     return slots.astype(np.int64), sources.astype(np.int64)
 
 
-def plan_operation(importances: Sequence[np.ndarray], p: float, scope: str,
-                   max_fraction: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per module, (pruned slots, their sources) for one operation at threshold ``p``."""
-    masks = global_cut(importances, p) if scope == "global" else module_cut(importances, p)
-    return [pair_sources(x, cap_pruned(x, m, max_fraction)) for x, m in zip(importances, masks)]
+def random_pairs(size: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(slots, sources) drawn at random: ``count`` of ``size`` slots pruned, each fed by a random kept slot.
+
+    Sources are drawn without replacement among the kept slots (cycling, as :func:`pair_sources`
+    does, only when fewer are kept than pruned).
+    """
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    slots = rng.choice(size, size=count, replace=False).astype(np.int64)
+    kept = np.setdiff1d(np.arange(size, dtype=np.int64), slots)
+    if kept.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    sources = rng.permutation(kept)[np.arange(count) % kept.size]
+    return slots, sources.astype(np.int64)
+
+
+def plan_operation(importances: Sequence[np.ndarray], p: float, scope: str, max_fraction: float,
+                   live: Sequence[np.ndarray] | None = None,
+                   rng: np.random.Generator | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per module, (pruned slots, their sources) for one operation at threshold ``p``.
+
+    ``live``: per module, a boolean mask of the slots that take part (None: all). Slots outside it
+    (pruned for good by the "no-expansion" ablation) are neither assessed, pruned again nor used as
+    sources, and the cap counts live slots only, so at least one slot of every module stays live.
+    ``rng``: the "random" ablation: each module prunes as many slots as the cut (and cap) decide,
+    but which ones, and which kept slots feed them, is drawn from ``rng`` (modules in order).
+    """
+    if live is None:
+        live = [np.ones(len(x), dtype=bool) for x in importances]
+    indices = [np.flatnonzero(mask) for mask in live]
+    subsets = [np.asarray(x, dtype=np.float64)[index] for x, index in zip(importances, indices)]
+    masks = global_cut(subsets, p) if scope == "global" else module_cut(subsets, p)
+    plans = []
+    for x, mask, index in zip(subsets, masks, indices):
+        capped = cap_pruned(x, mask, max_fraction)
+        slots, sources = pair_sources(x, capped) if rng is None else random_pairs(x.size, int(capped.sum()), rng)
+        plans.append((index[slots].astype(np.int64), index[sources].astype(np.int64)))
+    return plans

@@ -36,8 +36,11 @@ class TrainConfig:
             target) or a local folder with a transformers model.
         data: "rotten-tomatoes" or a .csv/.jsonl file with text and label columns.
         method: "lora" or "beamlora".
+        ablation: BeamLoRA only: "none", or one of the paper's Table 3 controls, "no-expansion",
+            "random" or "fixed-p" (see :class:`beamlora.BeamLoraConfig`).
         targets: LoRA target modules; None picks the model's attention projections.
         held_out: examples kept out of training for evaluation (a fixed, seeded split).
+        seed: an integer in 0 … 2**32 − 1 (what numpy and transformers' set_seed accept).
         eval_every / snapshot_every: steps between held-out evaluations / adapter snapshots.
     """
 
@@ -55,6 +58,7 @@ class TrainConfig:
     temperature: float = 0.05
     scope: str = "global"
     optimizer_state: str = "history"
+    ablation: str = "none"
     snapshot_every: int | None = 50
     eval_every: int | None = 100
     seed: int = 0
@@ -69,19 +73,26 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise BeamLoraError(f"{name}={value!r}, expected a positive integer")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise BeamLoraError(f"lr={self.lr!r}, expected a positive number")
-        if self.alpha <= 0:
-            raise BeamLoraError(f"alpha={self.alpha!r}, expected a positive number")
+        for name in ("lr", "alpha"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BeamLoraError(f"{name}={value!r}, expected a positive, finite number")
         if self.max_length < 8:
             raise BeamLoraError(f"max_length={self.max_length}, expected at least 8 tokens")
+        if self.ablation != "none" and self.method != "beamlora":
+            raise BeamLoraError(f"ablation={self.ablation!r} with method={self.method!r}: the ablations change "
+                                "BeamLoRA's operations, expected method 'beamlora' (or ablation 'none')")
+        # The BeamLoRA fields (p_init, Δt, ablation, seed, ...) are checked now, whatever the method, so
+        # a bad option fails before anything is written.
+        self.beamlora_config(None)
 
-    def beamlora_config(self, output_dir: Path):
+    def beamlora_config(self, output_dir: Path | None):
         from .config import BeamLoraConfig
 
         return BeamLoraConfig(p_init=self.p_init, delta_t=self.delta_t, total_steps=self.steps,
                               temperature=self.temperature, scope=self.scope, optimizer_state=self.optimizer_state,
-                              seed=self.seed, snapshot_every=self.snapshot_every, output_dir=output_dir)
+                              ablation=self.ablation, seed=self.seed, snapshot_every=self.snapshot_every,
+                              output_dir=output_dir)
 
 
 @dataclass
@@ -206,7 +217,16 @@ def _log_line(line: str) -> None:
 
 def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] = _log_line) -> RunResult:
-    """Run one training job into ``config.out`` and return its held-out result."""
+    """Run one training job into ``config.out`` and return its held-out result.
+
+    Warnings (settings that do nothing) go to ``log`` as ``Warning: ...`` lines. A training loss or
+    held-out metric that becomes NaN or infinite stops the run with ``guards.NonFiniteError``
+    naming the step; the snapshots written so far stay.
+    """
+    from .guards import check_metrics, guard_loss, schedule_warning, width_warning
+
+    if config.method == "beamlora" and (warning := schedule_warning(config.beamlora_config(None))):
+        log(warning)
     # Data first: bad input fails in a second, before any model loads.
     dataset = load_data(config.data)
     if len(dataset) <= config.held_out + config.batch_size:
@@ -235,6 +255,8 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         model = get_peft_model(model, lora)
     except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
         raise BeamLoraError(f"--targets {','.join(targets)}: {str(e).splitlines()[0]}") from None
+    if warning := width_warning(model, config.rank):
+        log(warning)
 
     run_dir = Path(config.out)
     _prepare_run_dir(run_dir, overwrite)
@@ -281,8 +303,9 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
                 if self.losses:
                     record["train_loss"] = sum(self.losses) / len(self.losses)
                     self.losses = []
+                check_metrics(record, state.global_step, run_dir)
                 metrics.append(record)
-                write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
                 log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     callbacks.append(HeldOut())
@@ -294,8 +317,11 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=train_data, data_collator=collate, callbacks=callbacks)
     _quiet_logs(trainer, progress)
-    trainer.train()
-    shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # nothing is saved there without checkpoints
+    guard_loss(trainer, run_dir)
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # nothing is saved there without checkpoints
 
     if controller is not None:
         controller.export(run_dir / "final")

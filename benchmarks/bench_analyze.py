@@ -15,6 +15,7 @@ child alone. Compared, alternating order, median of ``--repeats``:
   (b) baseline  ``import torch; from safetensors.torch import load_file; load_file(path)``
   (c) run       ``rankscope analyze RUN_DIR ...`` over the ten snapshots
   (d) torch     ``import torch`` alone, to show how much of (b) is the import
+  (e) resize    ``rankscope resize DIR --out OUT --energy 0.95 --overwrite`` (goal: ≤ 2× (a), peak RSS < 1× the file)
 
     .venv/bin/python benchmarks/bench_analyze.py [--repeats 3]
 
@@ -167,6 +168,8 @@ def main() -> None:
             "run": [python, "-c", _ANALYZE_CHILD, "analyze", str(RUN_DIR), "--json",
                     str(scratch / "run.json"), "--no-progress"],
             "torch": [python, "-c", "import torch"],  # context: how much of (b) is the import
+            "resize": [python, "-c", _ANALYZE_CHILD, "resize", str(ADAPTER_DIR), "--out", str(scratch / "resized"),
+                       "--energy", "0.95", "--overwrite"],
         }
         results: dict[str, list[dict]] = {kind: [] for kind in commands}
         # One untimed pass of each warms the page cache and the bytecode caches for everyone.
@@ -195,8 +198,8 @@ def main() -> None:
         return statistics.median(r[what] for r in results[kind])
 
     mib = 2**20
-    t_a, t_b, t_run, t_t = (med(kind, "wall") for kind in ("analyze", "baseline", "run", "torch"))
-    m_a, m_b, m_run, m_t = (med(kind, "rss") for kind in ("analyze", "baseline", "run", "torch"))
+    t_a, t_b, t_run, t_t, t_r = (med(kind, "wall") for kind in ("analyze", "baseline", "run", "torch", "resize"))
+    m_a, m_b, m_run, m_t, m_r = (med(kind, "rss") for kind in ("analyze", "baseline", "run", "torch", "resize"))
     print()
     print(f"adapter: {n_modules} modules, r={RANK}, bf16, {size / mib:.0f} MiB ({size / 1e6:.0f} MB); "
           f"median of {args.repeats}, fresh process each, {env_note}")
@@ -207,6 +210,7 @@ def main() -> None:
     print(f"| {'(b) torch + safetensors load_file':36s} | {t_b:7.2f} | {m_b / mib:12.0f} |")
     print(f"| {'(c) rankscope analyze, 10 snapshots':36s} | {t_run:7.2f} | {m_run / mib:12.0f} |")
     print(f"| {'(d) import torch alone (context)':36s} | {t_t:7.2f} | {m_t / mib:12.0f} |")
+    print(f"| {'(e) rankscope resize --energy 0.95':36s} | {t_r:7.2f} | {m_r / mib:12.0f} |")
     print()
     print(f"| {'ratio':38s} | {'value':>6s} | {'goal':>6s} |")
     print(f"|{'-' * 40}|{'-' * 8}|{'-' * 8}|")
@@ -216,6 +220,8 @@ def main() -> None:
     print(f"| {'peak RSS (a)/(b)':38s} | {m_a / m_b:6.2f} | {'':>6s} |")
     print(f"| {'peak RSS (c) / (a)':38s} | {m_run / m_a:6.2f} | {'~ 1':>6s} |")
     print(f"| {'time per snapshot (c)/10, seconds':38s} | {t_run / len(STEPS):6.2f} | {'':>6s} |")
+    print(f"| {'time (e)/(a): resize over analyze':38s} | {t_r / t_a:6.2f} | {'<= 2':>6s} |")
+    print(f"| {'peak RSS (e) / file size':38s} | {m_r / size:6.2f} | {'< 1':>6s} |")
     print()
     for kind, label in (("analyze", "(a)"), ("run", "(c)")):
         print(f"imported by {label} at exit: " + ", ".join(f"{m}={'yes' if v else 'no'}" for m, v in imported_by(kind).items()))

@@ -6,6 +6,7 @@ users get): one entry per snapshot, one per module, importances in the checkpoin
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections import defaultdict
@@ -21,6 +22,8 @@ from .validate import check_analysis
 
 SCHEMA = "rankscope/analysis-v1"
 TOP_FRACTION = 0.1
+ENERGY_KEY = "0.95"  # the energy level the summaries, verdicts and suggestions speak of (k95)
+SPECTRAL_RATIOS = ("energy_rank_ratio", "stable_rank_ratio", "spectral_effective_rank_ratio")
 
 
 def spectrum_meaning(module: LoraModule) -> str:
@@ -79,28 +82,58 @@ def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
     return entry
 
 
+def spectral_ratios(module: dict[str, Any]) -> dict[str, float] | None:
+    """k95 / r, stable rank / r and spectral effective rank / r of one analysed module (None without a spectrum).
+
+    A zero update has k95 = 0 and undefined (NaN) stable and effective ranks.
+    """
+    if module.get("energy_rank") is None or not module.get("rank"):
+        return None
+    r = module["rank"]
+
+    def ratio(value: Any) -> float:
+        return value / r if value is not None and math.isfinite(value) else float("nan")
+
+    return {"energy_rank_ratio": ratio(module["energy_rank"].get(ENERGY_KEY)),
+            "stable_rank_ratio": ratio(module.get("stable_rank")),
+            "spectral_effective_rank_ratio": ratio(module.get("spectral_effective_rank"))}
+
+
+def _group_medians(modules: list[dict[str, Any]], key: str, spectral: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Per layer (or kind): decile band and the median of each measure of both views."""
+    groups: dict[str, list] = defaultdict(list)
+    for m in modules:
+        groups[m[key]].append(m)
+    out = {}
+    for label, ms in groups.items():
+        entry = {
+            "modules": len(ms),
+            "deciles": imp.decile_band(np.array([m["deciles"] for m in ms])),
+            "top10_share": imp.band(m["top10_share"] for m in ms)["median"],
+            "effective_rank_ratio": imp.band(m["effective_rank"] / m["rank"] for m in ms)["median"],
+        }
+        for name in SPECTRAL_RATIOS:
+            entry[name] = imp.band(spectral[id(m)][name] for m in ms if id(m) in spectral)["median"]
+        out[label] = entry
+    return out
+
+
 def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
-    """Spread over modules: counts, ranks, scales, shares, effective ranks, decile bands (all, by layer, by kind)."""
+    """Spread over modules in both views (all, by layer, by kind), counts, ranks, scales, and the verdict.
+
+    Per-rank view: top-10% share, effective rank / r, Gini, deciles of the slot norms. Spectral view:
+    energy ranks (k90, k95, k99), k95 / r, stable rank / r, spectral effective rank / r, the
+    cumulative-energy curve against k / r, how many modules use all of their rank and how many are zero.
+    """
+    from .report import utilisation_verdict
+
     good = [m for m in modules if m.get("importance") is not None]
     ranks = sorted({m["rank"] for m in modules})
     scales = sorted({round(m["scale"], 12) for m in modules})
     uniform_top = [min(1.0, max(1, np.ceil(TOP_FRACTION * m["rank"] - 1e-9)) / m["rank"]) for m in good]
-
-    def group(key: str) -> dict[str, Any]:
-        groups: dict[str, list] = defaultdict(list)
-        for m in good:
-            groups[m[key]].append(m)
-        return {
-            label: {
-                "modules": len(ms),
-                "deciles": imp.decile_band(np.array([m["deciles"] for m in ms])),
-                "top10_share": imp.band(m["top10_share"] for m in ms)["median"],
-                "effective_rank_ratio": imp.band(m["effective_rank"] / m["rank"] for m in ms)["median"],
-            }
-            for label, ms in groups.items()
-        }
-
-    return {
+    spectral = {id(m): ratios for m in good if (ratios := spectral_ratios(m)) is not None}
+    with_spectrum = [m for m in good if id(m) in spectral]
+    summary: dict[str, Any] = {
         "modules": len(modules),
         "ranks": ranks,
         "scales": scales if len(scales) <= 8 else [scales[0], scales[-1]],
@@ -110,15 +143,47 @@ def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
         "effective_rank_ratio": imp.band(m["effective_rank"] / m["rank"] for m in good),
         "gini": imp.band(m["gini"] for m in good),
         "deciles": imp.decile_band(np.array([m["deciles"] for m in good])),
-        "by_layer": group("layer"),
-        "by_kind": group("kind"),
+        "spectral_modules": len(with_spectrum),
+        "energy_ranks": {level: imp.band(m["energy_rank"][level] for m in with_spectrum)
+                         for level in (f"{x:g}" for x in imp.ENERGY_LEVELS)},
+        "stable_rank": imp.band(m["stable_rank"] for m in with_spectrum),
+        **{name: imp.band(spectral[id(m)][name] for m in with_spectrum) for name in SPECTRAL_RATIOS},
+        "energy_curve": {"k_over_r": imp.ENERGY_GRID.tolist(),
+                         **imp.curve_band(np.array([imp.energy_curve(m["spectrum"]) for m in with_spectrum]),
+                                          imp.ENERGY_GRID.size)},
+        "full_rank_modules": sum(1 for m in with_spectrum if m["energy_rank"][ENERGY_KEY] == m["rank"]),
+        "zero_modules": sum(1 for m in with_spectrum if m["energy_rank"][ENERGY_KEY] == 0),
+        "by_layer": _group_medians(good, "layer", spectral),
+        "by_kind": _group_medians(good, "kind", spectral),
         "errors": [m["error"] for m in modules if "error" in m],
     }
+    summary["verdict"] = utilisation_verdict(summary)
+    return summary
+
+
+def analysis_threads() -> int:
+    """Modules analysed at once: the usable cores (at most 4), or ``RANKSCOPE_THREADS``."""
+    try:
+        return max(1, int(os.environ["RANKSCOPE_THREADS"]))
+    except (KeyError, ValueError):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(4, cores))
 
 
 def analyze_checkpoint(checkpoint: Checkpoint, spectrum: bool = True) -> dict[str, Any]:
-    """One element of the document's ``snapshots`` list."""
-    modules = [analyze_module(m, spectrum) for m in checkpoint.modules]
+    """One element of the document's ``snapshots`` list.
+
+    Modules are independent, and numpy releases the GIL inside its kernels, so they are analysed on
+    a few threads (each with single-threaded BLAS: small r×r work shares out badly within one module).
+    """
+    threads = analysis_threads()
+    if threads > 1 and len(checkpoint.modules) > 8:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            modules = list(pool.map(lambda m: analyze_module(m, spectrum), checkpoint.modules))
+    else:
+        modules = [analyze_module(m, spectrum) for m in checkpoint.modules]
     return {
         "step": checkpoint.step,
         "path": str(checkpoint.path),

@@ -7,6 +7,7 @@ ends in one line ``Error: ...`` on stderr and exit status 2, never a traceback. 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def _finish(lines: list[str], json_text: str | None, json_target: str | None) ->
         _echo(lines)
 
 
+def _check_out(out_dir: Path | None) -> None:
+    """Refuse an unusable --out before any work is done (it is checked again when written)."""
+    if out_dir is not None:
+        from .atomic import check_output_folder
+
+        check_output_folder(out_dir)
+
+
 def _written(paths: list[Path]) -> list[str]:
     kinds = {".html": "report", ".json": "json", ".csv": "csv"}
     return [f"  {kinds.get(p.suffix, 'plot'):<15}{p}" for p in paths]
@@ -84,6 +93,7 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
     from .outputs import temporal_view
     from .report import summary_lines, to_json
 
+    _check_out(out_dir)
     document = run_analysis(path, format=format_, spectrum=spectrum, progress=progress)
     dyn, rec, temporal_lines = temporal_view(document)
     if dyn is not None:
@@ -117,17 +127,16 @@ def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, o
     from .recommend import recommend as run_recommend
     from .report import to_json
 
+    _check_out(out_dir)
     document = analyze_or_read(run_dir, progress=progress)
     dyn = dynamics(document, include_trajectories=False)
     rec = run_recommend(document, total_steps=total_steps, dyn=dyn)
     lines = [f"recommendation for a BeamLoRA run like {document.get('path')}"] + ["  " + x for x in recommendation_lines(rec)]
     if out_dir is not None:
-        from .atomic import write_text
         from .outputs import write_analysis
 
-        write_text(out_dir / "recommend.json", to_json(rec) + "\n")
         series = dyn if len(document["snapshots"]) > 1 else None
-        lines += _written([out_dir / "recommend.json"] + write_analysis(document, out_dir, series, rec))
+        lines += _written(write_analysis(document, out_dir, series, rec, extra={"recommend.json": to_json(rec) + "\n"}))
     _finish(lines, to_json(rec) if json_target else None, json_target)
 
 
@@ -151,6 +160,7 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
 
     if len(paths) < 2:
         raise RankscopeError(f"{len(paths)} path given: expected at least two runs to compare")
+    _check_out(out_dir)
     names = [x.strip() for x in labels.split(",")] if labels else None
     if names is not None and len(names) != len(paths):
         raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
@@ -162,6 +172,93 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
 
         lines += _written(write_compare(result, out_dir, lines))
     _finish(lines, to_json(result) if json_target else None, json_target)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--energy", type=float, default=0.95, show_default=True,
+              help="Share of ΔW's energy (Σσ²) each module must keep, in (0, 1].")
+@click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), help="Force the checkpoint format instead of detecting it.")
+@click.option("--step", type=int, help="For a run folder: the snapshot at this step instead of the final adapter.")
+@click.option("--json", "json_target", metavar="FILE|-", help="Write the suggestion as JSON to FILE, or to stdout with '-'.")
+def suggest(path: Path, energy: float, format_: str | None, step: int | None, json_target: str | None) -> None:
+    """Suggest a rank per module and a global r from the spectrum of each update.
+
+    Each module keeps the smallest k whose top singular directions hold ENERGY of ΔW's energy
+    (relative Frobenius error sqrt(1 − ENERGY) at most); the global r is the 90th percentile of
+    those k. Prints a ready-to-paste PEFT LoraConfig (r, lora_alpha, rank_pattern, alpha_pattern
+    keeping each module's trained scale, rsLoRA included), or the kohya / mlx-lm equivalent. When
+    most modules need all of their rank it says so and suggests a larger r instead. PATH is an
+    adapter, or a run folder (its final adapter, or --step N).
+    """
+    from .report import to_json
+    from .suggest import check_energy, suggest as run_suggest, suggest_lines
+
+    check_energy(energy)  # before anything is read
+    result = run_suggest(path, energy=energy, format=format_, step=step)
+    _finish(suggest_lines(result), to_json(result) if json_target else None, json_target)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="New folder for the resized adapter (same format and file names as the input).")
+@click.option("--energy", type=float, help="Per module: the smallest rank holding this share of ΔW's energy, in (0, 1].")
+@click.option("--rank", type=int, help="The same rank K for every module (capped at the module's rank).")
+@click.option("--max-error", type=float,
+              help="Per module: the smallest rank whose relative Frobenius error ‖ΔW − ΔW_k‖/‖ΔW‖ is at most this, in (0, 1).")
+@click.option("--module-min", type=int, default=1, show_default=True, help="No module goes below this rank.")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep", show_default=True,
+              help="dtype of the new A and B (keep: the input's).")
+@click.option("--step", type=int, help="For a run folder: the snapshot at this step instead of the final adapter.")
+@click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), help="Force the checkpoint format instead of detecting it.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it already holds an adapter (never anything else).")
+@click.option("--validate", is_flag=True,
+              help="Evaluate the original and the resized adapter on the same examples (PEFT adapters; the task "
+                   "options below, or a beamlora train run's own model, data and held-out split).")
+@click.option("--model", "model_spec", help="--validate: base model, minilm, smollm2 or a local folder (default: the run's own).")
+@click.option("--data", help="--validate: rotten-tomatoes, a .csv/.jsonl with text and label, or a text file for loss.")
+@click.option("--metric", type=click.Choice(["accuracy", "loss", "perplexity"]), default="accuracy", show_default=True,
+              help="--validate: the metric to compare.")
+@click.option("--examples", type=click.IntRange(min=1), help="--validate: only the first N held-out examples.")
+@click.option("--json", "json_target", metavar="FILE|-", help="Write the per-module table as JSON to FILE, or to stdout with '-'.")
+def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, max_error: float | None, module_min: int,
+           dtype: str, step: int | None, format_: str | None, overwrite: bool, validate: bool, model_spec: str | None,
+           data: str | None, metric: str, examples: int | None, json_target: str | None) -> None:
+    """Write a smaller adapter: each module truncated to its best rank-k update, in the input's own format.
+
+    Exactly one rule picks each module's k: --energy F (the same rule as `rankscope suggest`),
+    --rank K, or --max-error E. The new factors come from the truncated SVD of scale·B·A through
+    its r×r core (the best rank-k update in Frobenius and spectral norm), the singular values split
+    evenly between B and A, and the config reproduces every module's new rank and trained scale
+    (PEFT rank_pattern/alpha_pattern, rsLoRA included; kohya alpha; mlx-lm scale). DoRA and AdaLoRA
+    are refused. The output folder is written aside and renamed; the input is never touched.
+    """
+    from .report import to_json
+    from .resize import check_rule, resize as run_resize, validate as run_validate
+
+    check_rule(energy, rank, max_error, module_min)  # before anything is read
+    result = run_resize(path, out_dir, energy=energy, rank=rank, max_error=max_error, module_min=module_min,
+                        dtype=dtype, overwrite=overwrite, step=step, format=format_)
+    if validate:
+        from beamlora.train import read_run_config
+
+        from .loading import resolve_adapter
+
+        run_config = read_run_config(path) if path.is_dir() else None
+        result.validation = run_validate(resolve_adapter(path, step, format_), out_dir, model_spec, data, metric,
+                                         examples, run_config)
+    _finish(result.summary_lines(), to_json(result.to_dict()) if json_target else None, json_target)
+
+
+def _energies(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = [math.nan]
+    if not all(0.0 < v <= 1.0 for v in values):
+        raise RankscopeError(f"--energies {text!r}: expected comma-separated shares in (0, 1], e.g. 0.8,0.9,0.95,0.99")
+    return values
 
 
 def _fractions(text: str) -> list[float]:
@@ -188,6 +285,9 @@ def _fractions(text: str) -> list[float]:
               help="Which ranks go first: least, most (by importance), random.")
 @click.option("--spectral/--no-spectral", default=True, show_default=True,
               help="Also keep each module's top singular directions of scale·B A (basis-independent curve).")
+@click.option("--energies", default="0.8,0.9,0.95,0.99", show_default=True,
+              help="Compression view: for each share f, every module keeps the fewest singular directions holding f "
+                   "of its energy (what `rankscope resize --energy f` writes); '' to skip.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds for the random order.")
 @click.option("--step", type=int, help="For a run folder: sweep the snapshot at this step instead of the final adapter.")
 @click.option("--examples", type=click.IntRange(min=1), help="Evaluate on only the first N held-out examples (faster).")
@@ -196,12 +296,15 @@ def _fractions(text: str) -> list[float]:
 @click.option("--json", "json_target", metavar="FILE|-", help="Also write the sweep JSON to FILE, or to stdout with '-'.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over points (default: when stderr is a terminal).")
 def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, fractions: str, orders: str,
-          spectral: bool, seeds: int, step: int | None, examples: int | None, out_dir: Path, json_target: str | None,
+          spectral: bool, energies: str, seeds: int, step: int | None, examples: int | None, out_dir: Path,
+          json_target: str | None,
           progress: bool | None) -> None:
     """Prune each module's least / most / random important ranks and measure the metric.
 
     At each fraction f every module loses its round(f·r) ranks (per-module order, as in the
-    paper), the model is evaluated, and the weights are restored exactly (no reload). ADAPTER
+    paper), the model is evaluated, and the weights are restored exactly (no reload). The
+    compression view (--energies) keeps in each module the directions holding a share f of its
+    energy and plots the metric against the share of parameters kept (compression.png). ADAPTER
     is a PEFT adapter or a run folder (its final adapter, or --step N).
     """
     from beamlora.train import read_run_config
@@ -209,8 +312,10 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, 
     from .sweeps import ORDERS, resolve_adapter, sweep as run_sweep
     from .sweep_task import build_task
 
-    # Options first: a typo should not cost a model load.
+    # Options first: a typo (or an --out that cannot be written) should not cost a model load.
+    _check_out(out_dir)
     fraction_list = _fractions(fractions)
+    energy_list = _energies(energies)
     order_list = [o.strip() for o in orders.split(",") if o.strip()]
     unknown = [o for o in order_list if o not in ORDERS]
     if unknown or not order_list:
@@ -219,7 +324,7 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, 
     run_config = read_run_config(adapter) if adapter.is_dir() else None
     task = build_task(checkpoint, model_spec, data, metric, examples, run_config)
     result = run_sweep(task.model, checkpoint, task.evaluate, fractions=fraction_list, orders=order_list, seeds=seeds, spectral=spectral,
-                       progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
+                       energies=energy_list, progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
     paths = result.save(out_dir, title=f"{adapter.name}: {task.description}")
     lines = [f"sweep: {checkpoint.path.parent} on {task.description}", f"  {result.summary_line()}"]
     lines += [f"  note           {note}" for note in result.notes] + _written(paths)

@@ -1,10 +1,12 @@
-"""``rankscope compare``: which of several runs spreads importance most evenly over its ranks?
+"""``rankscope compare``: how do several runs use their ranks, in both views?
 
-Each run is reduced to its last snapshot; per module we take effective rank / r (entropy based,
-1 = all ranks equal) and the top-10% share (lower = more even). Runs are compared two at a time
-with a two-sided Mann-Whitney U test over modules: it needs no normality, and modules are the
-natural independent-ish units. BeamLoRA is expected to come out more even than plain LoRA and its
-pruning curves to fall faster (docs/beamlora-method.md), so sweeps found beside a run are overlaid.
+Each run is reduced to its last snapshot. Per-rank view (the slot norms BeamLoRA acts on): effective
+rank / r (entropy based, 1 = all slots equal) and the top-10% share (lower = more even). Spectral view
+(singular values of ΔW, basis-independent): k95 / r, stable rank / r and spectral effective rank / r
+(higher = more of the rank in use). Runs are compared two at a time with a two-sided Mann-Whitney U test
+over modules on every measure: it needs no normality, and modules are the natural independent-ish units.
+The paper's claim is that BeamLoRA uses more of its rank; the spectral measures test that without
+depending on the A/B basis. Sweeps found beside a run are overlaid (the paper's Figure 4).
 
 numpy and scipy only: no torch, so comparing saved analyses stays fast and light.
 """
@@ -20,19 +22,25 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .analysis import SPECTRAL_RATIOS, spectral_ratios
 from .errors import RankscopeError
-from .importance import band, decile_band
+from .importance import ENERGY_GRID, band, curve_band, decile_band, energy_curve
 from .report import SWEEP_SCHEMA
 from .validate import check_sweep, read_json
 
 SCHEMA = "rankscope/compare-v1"
 ANALYSIS_SCHEMA = "rankscope/analysis-v1"
 ALPHA = 0.05
-TIE_TOLERANCE = 1e-9  # medians of effective rank / r closer than this are the same number
-METRICS = {  # name -> (words, True when higher means more even)
-    "effective_rank_ratio": ("eff. rank / r", True),
-    "top10_share": ("top-10% share", False),
+TIE_TOLERANCE = 1e-9  # medians closer than this are the same number
+METRICS = {  # name -> (words, True when higher means more even / more of the rank in use, view)
+    "effective_rank_ratio": ("eff. rank / r", True, "per-rank"),
+    "top10_share": ("top-10% share", False, "per-rank"),
+    "energy_rank_ratio": ("k95 / r", True, "spectral"),
+    "stable_rank_ratio": ("stable rank / r", True, "spectral"),
+    "spectral_effective_rank_ratio": ("eff. rank / r", True, "spectral"),
 }
+# The measure each view's verdict speaks of: continuous, and defined the same way in both views.
+VERDICT_METRICS = {"per-rank": "effective_rank_ratio", "spectral": "spectral_effective_rank_ratio"}
 SWEEP_STYLES = {"most": "-", "least": "--", "random": ":", "spectral": "-."}
 
 
@@ -59,19 +67,23 @@ def _last_snapshot(document: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def run_summary(document: dict[str, Any], label: str) -> dict[str, Any]:
-    """The spread of one run's last snapshot, with the per-module values the tests and plots use."""
+    """How one run's last snapshot uses its ranks, in both views, with the per-module values the tests and plots use."""
     snapshot = _last_snapshot(document, label)
     good = [m for m in snapshot["modules"] if _usable(m)]
     ranks = sorted({int(m["rank"]) for m in good})
+    spectral = [spectral_ratios(m) for m in good]
     per_module = {
         "names": [m["name"] for m in good],
         "rank": [int(m["rank"]) for m in good],
         "effective_rank_ratio": [m["effective_rank"] / m["rank"] for m in good],
         "top10_share": [m["top10_share"] for m in good],
         "gini": [m["gini"] for m in good],
+        # None where the module has no spectrum (analysed with --no-spectrum).
+        **{name: [r[name] if r is not None else None for r in spectral] for name in SPECTRAL_RATIOS},
     }
     # What a perfectly even module would show: ceil(0.1 r) / r of the total in its top 10%.
     uniform = [math.ceil(0.1 * r - 1e-9) / r for r in per_module["rank"]]
+    with_spectrum = [m for m, r in zip(good, spectral) if r is not None]
     return {
         "label": label,
         "path": str(document.get("path")),
@@ -80,12 +92,16 @@ def run_summary(document: dict[str, Any], label: str) -> dict[str, Any]:
         "format": snapshot.get("format", document.get("format")),
         "modules": len(good),
         "modules_skipped": len(snapshot["modules"]) - len(good),
+        "spectral_modules": len(with_spectrum),
         "ranks": ranks,
         "top10_share": band(per_module["top10_share"]),
         "top10_share_uniform": float(np.median(uniform)) if uniform else math.nan,
         "effective_rank_ratio": band(per_module["effective_rank_ratio"]),
         "gini": band(per_module["gini"]),
+        **{name: band(per_module[name]) for name in SPECTRAL_RATIOS},
         "deciles": decile_band(np.array([m["deciles"] for m in good], dtype=np.float64)),
+        "energy_curve": {"k_over_r": ENERGY_GRID.tolist(),
+                         **curve_band(np.array([energy_curve(m["spectrum"]) for m in with_spectrum]), ENERGY_GRID.size)},
         "per_module": per_module,
     }
 
@@ -105,7 +121,8 @@ def mann_whitney(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 
 def _more_even(metric: str, a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """The label of the run whose median is on the even side, None when the medians match (or are NaN)."""
+    """The label of the run whose median is on the even side (per-rank) or uses more of its rank
+    (spectral); None when the medians match (or are NaN)."""
     ma, mb = a[metric]["median"], b[metric]["median"]
     if not (math.isfinite(ma) and math.isfinite(mb)) or abs(ma - mb) <= TIE_TOLERANCE:
         return None
@@ -114,12 +131,14 @@ def _more_even(metric: str, a: dict[str, Any], b: dict[str, Any]) -> str | None:
 
 
 def pair_test(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Both metrics' tests for one pair of run summaries."""
+    """Every measure's test for one pair of run summaries (spectral ones only where both runs have spectra)."""
     entry: dict[str, Any] = {"a": a["label"], "b": b["label"]}
-    for metric in METRICS:
+    for metric, (_, _, view) in METRICS.items():
+        if view == "spectral" and not (a["spectral_modules"] and b["spectral_modules"]):
+            continue
         test = mann_whitney(a["per_module"][metric], b["per_module"][metric])
         test.update(median_a=a[metric]["median"], median_b=b[metric]["median"], more_even=_more_even(metric, a, b),
-                    significant=bool(test["p_value"] < ALPHA))
+                    significant=bool(test["p_value"] < ALPHA), view=view)
         entry[metric] = test
     if a["ranks"] != b["ranks"]:
         # ceil(0.1 r)/r differs with r, so raw shares of different ranks are not on one scale.
@@ -144,31 +163,50 @@ def _two(a: float, b: float) -> tuple[str, str]:
     return f"{a:.{digits}f}", f"{b:.{digits}f}"
 
 
-def verdict(runs: list[dict[str, Any]], tests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which run has the highest median effective rank / r, checked against the runner-up."""
-    ranked = sorted((r for r in runs if math.isfinite(r["effective_rank_ratio"]["median"])),
-                    key=lambda r: -r["effective_rank_ratio"]["median"])
+def _view_verdict(runs: list[dict[str, Any]], tests: list[dict[str, Any]], view: str) -> dict[str, Any]:
+    """Which run has the highest median of the view's measure, checked against the runner-up."""
+    metric = VERDICT_METRICS[view]
+    words = f"{view} {METRICS[metric][0]}"
+    ranked = sorted((r for r in runs if math.isfinite(r[metric]["median"])), key=lambda r: -r[metric]["median"])
+    base = {"view": view, "measure": metric}
     if len(ranked) < 2:
-        return {"most_even": None, "runner_up": None, "tie": False, "significant": False, "p_value": math.nan,
-                "sentence": "fewer than two runs have a module with non-zero importance, so nothing can be compared"}
+        what = "a module with non-zero importance" if view == "per-rank" else "a spectrum"
+        return {**base, "most_even": None, "runner_up": None, "tie": False, "significant": False, "p_value": math.nan,
+                "sentence": f"fewer than two runs have {what}, so the {view} view cannot be compared"}
     best, second = ranked[0], ranked[1]
-    test = _find_test(tests, best["label"], second["label"])["effective_rank_ratio"]
-    mb, ms, p = best["effective_rank_ratio"]["median"], second["effective_rank_ratio"]["median"], test["p_value"]
+    test = _find_test(tests, best["label"], second["label"])[metric]
+    mb, ms, p = best[metric]["median"], second[metric]["median"], test["p_value"]
     tie = abs(mb - ms) <= TIE_TOLERANCE
     significant = not tie and bool(p < ALPHA)
     stats = f"Mann-Whitney p = {_fmt_p(p)}, {test['n_a']} vs {test['n_b']} modules"
     tb, ts = _two(mb, ms)
+    claim = "spreads importance over its slots most evenly" if view == "per-rank" else "uses the most of its rank"
     if tie:
-        sentence = (f"{best['label']} and {second['label']} spread importance equally evenly "
-                    f"(median effective rank / r {tb} each; {stats}).")
+        sentence = f"{best['label']} and {second['label']} have the same median {words} ({tb} each; {stats})."
     elif significant:
-        sentence = (f"{best['label']} spreads importance most evenly: median effective rank / r {tb} "
-                    f"against {ts} for {second['label']} ({stats}).")
+        sentence = f"{best['label']} {claim}: median {words} {tb} against {ts} for {second['label']} ({stats})."
     else:
-        sentence = (f"{best['label']} has the highest median effective rank / r ({tb} against {ts} for "
-                    f"{second['label']}), but the difference is not significant ({stats}).")
-    return {"most_even": None if tie else best["label"], "runner_up": second["label"], "tie": tie,
+        sentence = (f"{best['label']} has the highest median {words} ({tb} against {ts} for {second['label']}), "
+                    f"but the difference is not significant ({stats}).")
+    return {**base, "most_even": None if tie else best["label"], "runner_up": second["label"], "tie": tie,
             "significant": significant, "p_value": p, "sentence": sentence}
+
+
+def verdict(runs: list[dict[str, Any]], tests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Both views' verdicts: the per-rank one at the top level (as before), the spectral one under ``spectral``.
+
+    The sentence names each view and its measure: per-rank by effective rank / r of the slot norms,
+    spectral by the spectral effective rank / r of ΔW.
+    """
+    per_rank = _view_verdict(runs, tests, "per-rank")
+    sentence = f"Per-rank view (slot norms): {per_rank['sentence']}"
+    result = {**per_rank, "per_rank_sentence": per_rank["sentence"], "spectral": None}
+    if sum(1 for r in runs if r["spectral_modules"]) >= 2:
+        spectral = _view_verdict(runs, tests, "spectral")
+        result["spectral"] = spectral
+        sentence += f" Spectral view (ΔW, basis-independent): {spectral['sentence']}"
+    result["sentence"] = sentence
+    return result
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -185,7 +223,8 @@ def sweep_curves(sweep: dict[str, Any], label: str) -> dict[str, Any]:
     """Mean metric per (order, fraction), averaged over seeds, and how much worse than unpruned for most/least."""
     values: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for p in sweep["points"]:
-        if p.get("value") is not None and math.isfinite(p["value"]):
+        # The compression view's "energy" points have no per-module fraction: they stay out of the overlay.
+        if p.get("order") != "energy" and p.get("value") is not None and math.isfinite(p["value"]):
             values[p["order"]][float(p["fraction"])].append(float(p["value"]))
     baseline, higher = sweep.get("baseline"), sweep.get("higher_is_better", True)
     curves, drops = {}, {}
@@ -323,21 +362,31 @@ def compare_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"rankscope compare: {len(runs)} runs, last snapshot of each"]
     for r in runs:
         skipped = f", {r['modules_skipped']} without importance" if r["modules_skipped"] else ""
-        lines.append(f"  run    {r['label']:<{width}}  {r['modules']} modules{skipped}  {_ranks(r)}  "
-                     f"eff. rank / r {_band_text(r['effective_rank_ratio'])}  "
+        lines.append(f"  run    {r['label']:<{width}}  {r['modules']} modules{skipped}  {_ranks(r)}")
+        lines.append(f"         per-rank  eff. rank / r {_band_text(r['effective_rank_ratio'])}  "
                      f"top-10% share {_band_text(r['top10_share'])}  gini {_band_text(r['gini'])}")
+        if r["spectral_modules"]:
+            lines.append(f"         spectral  k95 / r {_band_text(r['energy_rank_ratio'])}  "
+                         f"stable rank / r {_band_text(r['stable_rank_ratio'])}  "
+                         f"spectral eff. rank / r {_band_text(r['spectral_effective_rank_ratio'])}")
     for t in result["tests"]:
-        for metric, (words, _) in METRICS.items():
+        for metric, (words, _, view) in METRICS.items():
+            if metric not in t:
+                continue
             s = t[metric]
-            who = f"{s['more_even']} more even" if s["more_even"] else "same median"
+            side = "more even" if view == "per-rank" else "uses more of its rank"
+            who = f"{s['more_even']} {side}" if s["more_even"] else "same median"
             sig = "" if s["significant"] else ", not significant"
-            lines.append(f"  test   {t['a']} vs {t['b']}  {words}: U = {s['statistic']:.1f}, p = {_fmt_p(s['p_value'])}, "
-                         f"n = {s['n_a']}/{s['n_b']} -> {who}{sig}")
+            lines.append(f"  test   {t['a']} vs {t['b']}  {view} {words}: U = {s['statistic']:.1f}, "
+                         f"p = {_fmt_p(s['p_value'])}, n = {s['n_a']}/{s['n_b']} -> {who}{sig}")
     for curves in (result.get("sweeps") or {}).get("runs", []):
         line = _sweep_line(curves)
         if line:
             lines.append(line)
-    lines.append(f"  verdict  {result['verdict']['sentence']}")
+    v = result["verdict"]
+    lines.append(f"  verdict  per-rank view (slot norms): {v['per_rank_sentence']}")
+    if v.get("spectral"):
+        lines.append(f"  verdict  spectral view (ΔW, basis-independent): {v['spectral']['sentence']}")
     return lines
 
 
@@ -367,7 +416,7 @@ def plot_compare_deciles(result: dict[str, Any], path: str | os.PathLike) -> Pat
     ax.set_ylim(0, 1.05)
     ax.set_xlim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.set_title("Per-rank importance by decile, median over modules\n(higher and flatter = more even)")
+    ax.set_title("Per-rank view: slot norms by decile, median over modules\n(higher and flatter = more even)")
     _legend_below(ax, 2)
     return save_figure(fig, path)
 
@@ -390,24 +439,36 @@ def _short(label: str, width: int = 22) -> str:
 
 
 def plot_compare_spread(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Per-module effective rank / r and top-10% share, side by side per run."""
+    """Per-module measures side by side per run: per-rank (top row) and, where computed, spectral (bottom row)."""
     from .plotting import _pyplot, save_figure
 
     plt = _pyplot()
     runs = result["runs"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 2.2 * len(runs) + 4), 4.4))
+    spectral = all(r["spectral_modules"] for r in runs)
+    rows = 2 if spectral else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(max(8.0, 2.2 * len(runs) + 4), 4.4 * rows), squeeze=False)
+    left, right = axes[0]
     _strip(left, runs, "effective_rank_ratio")
     left.axhline(1.0, color="grey", lw=0.8, ls=":")
-    left.set_ylabel("effective rank / r (entropy based)")
+    left.set_ylabel("effective rank / r of slot norms")
     # The dotted lines are explained in the titles: a legend box would sit on some run's dots.
-    left.set_title("Effective rank / r per module\n(higher = more even; dotted = all ranks equal)", fontsize=10)
+    left.set_title("Per-rank view: effective rank / r\n(higher = more even; dotted = all slots equal)", fontsize=10)
     _strip(right, runs, "top10_share")
     for i, r in enumerate(runs):
         # Each run's own uniform share: ceil(0.1 r)/r depends on its rank.
         right.hlines(r["top10_share_uniform"], i + 0.6, i + 1.4, color="grey", lw=1, ls=":")
-    right.set_ylabel("share of importance in the top 10% of ranks")
-    right.set_title("Top-10% share per module\n(lower = more even; dotted = all ranks equal)", fontsize=10)
-    fig.suptitle("How evenly each run spreads importance (one dot per module, last snapshot)", fontsize=11)
+    right.set_ylabel("share of importance in the top 10% of slots")
+    right.set_title("Per-rank view: top-10% share\n(lower = more even; dotted = all slots equal)", fontsize=10)
+    if spectral:
+        for ax, metric, label in ((axes[1][0], "energy_rank_ratio", "k95 / r"),
+                                  (axes[1][1], "spectral_effective_rank_ratio", "spectral effective rank / r")):
+            _strip(ax, runs, metric)
+            ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel(f"{label} of ΔW")
+            ax.set_title(f"Spectral view: {label}\n(higher = more of the rank in use; dotted = all directions alike)",
+                         fontsize=10)
+    fig.suptitle("How each run uses its rank (one dot per module, last snapshot)", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -441,10 +502,18 @@ def plot_compare_sweeps(result: dict[str, Any], path: str | os.PathLike) -> Path
 
 
 def plot_compare(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """``compare_deciles.png``, ``compare_spread.png`` and, with sweeps, ``compare_sweeps.png`` in ``out_dir``."""
+    """``compare_deciles.png``, ``compare_energy.png`` (with spectra), ``compare_spread.png`` and, with sweeps,
+    ``compare_sweeps.png`` in ``out_dir``."""
     out_dir = Path(out_dir)
-    paths = [plot_compare_deciles(result, out_dir / "compare_deciles.png"),
-             plot_compare_spread(result, out_dir / "compare_spread.png")]
+    paths = [plot_compare_deciles(result, out_dir / "compare_deciles.png")]
+    if all(run["spectral_modules"] for run in result["runs"]):
+        from .plotting import plot_energy_curves
+
+        paths.append(plot_energy_curves({run["label"]: run["energy_curve"] for run in result["runs"]},
+                                        out_dir / "compare_energy.png",
+                                        "Spectral view: cumulative energy of ΔW, median over modules\n"
+                                        "(lower and closer to the diagonal = more of the rank in use)"))
+    paths.append(plot_compare_spread(result, out_dir / "compare_spread.png"))
     if result.get("sweeps"):
         paths.append(plot_compare_sweeps(result, out_dir / "compare_sweeps.png"))
     return paths

@@ -1,4 +1,7 @@
-"""How rank importances evolve over a run: spread per step, rank-order stability, separation.
+"""How the ranks evolve over a run, in both views: spread per step, stability, separation.
+
+Per-rank view: the slot norms' spread and the Spearman stability of their order. Spectral view:
+the energy ranks and stable rank of ΔW per step, and the steadiness of k95 between snapshots.
 
 Pure functions on the ``rankscope/analysis-v1`` document (numpy only), so they work
 the same on a fresh ``analyze(path)`` and on a JSON file written earlier. The output of
@@ -17,14 +20,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .analysis import ENERGY_KEY, SPECTRAL_RATIOS, spectral_ratios
 from .importance import band
-from .report import _fmt
+from .report import CONCENTRATED_ENERGY_RATIO, FLAT_EFFECTIVE_RANK_RATIO, _fmt
+from .report import FLAT_TOP_EXCESS as FLAT_TOP_RATIO
 
 TOP_FRACTION = 0.1
 STABLE_THRESHOLD = 0.9
-# As in report.describe_spread: below both limits the importances count as "nearly even".
-FLAT_EFFECTIVE_RANK_RATIO = 0.97
-FLAT_TOP_EXCESS = 0.3
+# As in report.utilisation_verdict: below both limits the slot norms count as "nearly even".
+FLAT_TOP_EXCESS = FLAT_TOP_RATIO - 1
+# Spectral steadiness: a module's k95 counts as unchanged between two snapshots when it moves by at most
+# one direction or 5% of r, whichever is more (k95 is an integer and flickers by one near a boundary).
+STEADY_K95_FRACTION = 0.05
 
 Band = dict[str, float]
 
@@ -79,15 +86,46 @@ def _by_name(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def spread_at(snapshot: dict[str, Any]) -> dict[str, Band]:
-    """Spread over modules at one snapshot: top-10% share, Gini, effective rank / r, uniform top share."""
+    """Spread over modules at one snapshot, both views.
+
+    Per rank: top-10% share, Gini, effective rank / r, uniform top share. Spectral: k95 / r,
+    stable rank / r, spectral effective rank / r (bands with n = 0 when no spectrum was computed).
+    """
     good = list(_by_name(snapshot).values())
+    ratios = [r for m in good if (r := spectral_ratios(m)) is not None]
     return {
         "top10_share": band(m.get("top10_share") for m in good),
         "top10_share_uniform": band(uniform_top_share(m["rank"]) for m in good),
         "gini": band(m.get("gini") for m in good),
         "effective_rank_ratio": band(
             (m["effective_rank"] / m["rank"]) if m.get("effective_rank") is not None else None for m in good),
+        **{name: band(r[name] for r in ratios) for name in SPECTRAL_RATIOS},
     }
+
+
+def steady_tolerance(rank: int) -> int:
+    """How far k95 may move between snapshots and still count as unchanged: max(1, round(5% of r))."""
+    return max(1, round(STEADY_K95_FRACTION * rank))
+
+
+def spectral_pair(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Steadiness of the energy ranks between two snapshots: the share of modules whose k95 stayed put.
+
+    ``median`` holds that share (so :func:`stable_from` reads both views alike); ``median_change``
+    is the median of |Δk95| / r over the modules present in both with the same rank.
+    """
+    a, b = _by_name(before), _by_name(after)
+    changes, steady = {}, 0
+    for name in sorted(a.keys() & b.keys()):
+        ka, kb = (a[name].get("energy_rank") or {}).get(ENERGY_KEY), (b[name].get("energy_rank") or {}).get(ENERGY_KEY)
+        if ka is None or kb is None or a[name]["rank"] != b[name]["rank"]:
+            continue
+        change = abs(kb - ka)
+        changes[name] = change / a[name]["rank"]
+        steady += change <= steady_tolerance(a[name]["rank"])
+    share = steady / len(changes) if changes else float("nan")
+    return {"from_step": before.get("step"), "to_step": after.get("step"), "median": share,
+            "steady_share": share, "median_change": band(changes.values())["median"], "modules": len(changes)}
 
 
 def stability_pair(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -137,19 +175,33 @@ def trajectories(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def separation(spread: list[dict[str, Band]]) -> dict[str, Any]:
-    """Have the importances separated? Final median top-10% share against uniform, and its growth."""
+    """Have the ranks separated? Per-rank view (what BeamLoRA acts on) and the spectral view beside it.
+
+    ``separated`` is the per-rank answer: the final median top-10% share against uniform and the
+    effective rank / r. ``spectral`` says how many directions ΔW needs at the end (k95 / r) and how that
+    changed since the first snapshot; the verdict never calls flat slot norms "barely separated" when the
+    spectrum is concentrated.
+    """
     if not spread:
         return {"separated": False, "verdict": "no snapshot"}
     first, last = spread[0], spread[-1]
     share, uniform = last["top10_share"]["median"], last["top10_share_uniform"]["median"]
     ratio = last["effective_rank_ratio"]["median"]
     excess = share / uniform - 1 if math.isfinite(share) and uniform > 0 else float("nan")
+    k95 = last["energy_rank_ratio"]["median"]
+    concentrated = math.isfinite(k95) and k95 <= CONCENTRATED_ENERGY_RATIO
     if not math.isfinite(excess):
         verdict, separated = "no module has a non-zero update: nothing to compare", False
     elif ratio > FLAT_EFFECTIVE_RANK_RATIO and excess < FLAT_TOP_EXCESS:
-        verdict, separated = "nearly flat: the ranks have barely separated (typical of short runs)", False
+        separated = False
+        verdict = ("slot norms nearly flat (per-rank view), yet ΔW's energy concentrates in a minority of directions "
+                   f"(k95 / r {k95:.2f}, spectral view)" if concentrated else
+                   "nearly flat: the ranks have barely separated in either view (typical of short runs)"
+                   if math.isfinite(k95) else "nearly flat: the slot norms have barely separated (typical of short runs)")
     else:
-        verdict, separated = "separated: a minority of ranks carries more of each update", True
+        verdict, separated = "separated: a minority of slots carries more of each update (per-rank view)", True
+        if concentrated:
+            verdict += f"; ΔW's energy concentrates in a minority of directions (k95 / r {k95:.2f}, spectral view)"
     return {
         "separated": separated,
         "verdict": verdict,
@@ -159,6 +211,13 @@ def separation(spread: list[dict[str, Band]]) -> dict[str, Any]:
         "final_effective_rank_ratio": ratio,
         "final_gini": last["gini"]["median"],
         "top10_share_change": share - first["top10_share"]["median"],
+        "spectral": {
+            "concentrated": concentrated,
+            "final_energy_rank_ratio": k95,
+            "energy_rank_ratio_change": k95 - first["energy_rank_ratio"]["median"],
+            "final_stable_rank_ratio": last["stable_rank_ratio"]["median"],
+            "final_spectral_effective_rank_ratio": last["spectral_effective_rank_ratio"]["median"],
+        },
     }
 
 
@@ -168,7 +227,9 @@ def dynamics(document: dict[str, Any], threshold: float = STABLE_THRESHOLD,
 
     Snapshots are taken in the document's order (``analyze`` sorts them by step, unknown last).
     ``stable_from`` is the step (``stable_from_index`` the snapshot index) from which the
-    median Spearman rho between consecutive snapshots stays ≥ ``threshold`` for all later pairs.
+    median Spearman rho between consecutive snapshots stays ≥ ``threshold`` for all later pairs
+    (per-rank view); ``spectral_stable_from`` is the same test on the share of modules whose k95
+    stayed put (:func:`spectral_pair`).
     """
     snapshots = document.get("snapshots", [])
     steps = [s.get("step") for s in snapshots]
@@ -176,6 +237,8 @@ def dynamics(document: dict[str, Any], threshold: float = STABLE_THRESHOLD,
     spread = [spread_at(s) for s in snapshots]
     pairs = [stability_pair(a, b) for a, b in zip(snapshots, snapshots[1:])]
     start = stable_from(pairs, threshold)
+    spectral_pairs = [spectral_pair(a, b) for a, b in zip(snapshots, snapshots[1:])]
+    spectral_start = stable_from(spectral_pairs, threshold)
     result: dict[str, Any] = {
         "schema": "rankscope/dynamics-v1",
         "path": document.get("path"),
@@ -188,6 +251,9 @@ def dynamics(document: dict[str, Any], threshold: float = STABLE_THRESHOLD,
         "threshold": threshold,
         "stable_from_index": start,
         "stable_from": steps[start] if start is not None else None,
+        "spectral_stability": spectral_pairs,
+        "spectral_stable_from_index": spectral_start,
+        "spectral_stable_from": steps[spectral_start] if spectral_start is not None else None,
         "separation": separation(spread),
         "operations": operations(document),
     }
@@ -246,18 +312,30 @@ def dynamics_summary_lines(dyn: dict[str, Any], rec: dict[str, Any] | None = Non
     if dyn["spread"]:
         first, last = dyn["spread"][0], dyn["spread"][-1]
         lines.append(f"  top-10% share  {_fmt(first['top10_share']['median'])} -> {_fmt(last['top10_share']['median'])}"
-                     f"   (median over modules; uniform {_fmt(sep.get('uniform_top10_share'))})")
+                     f"   (per-rank view, median over modules; uniform {_fmt(sep.get('uniform_top10_share'))})")
         lines.append(f"  eff. rank / r  {_fmt(first['effective_rank_ratio']['median'])} -> "
-                     f"{_fmt(last['effective_rank_ratio']['median'])}")
+                     f"{_fmt(last['effective_rank_ratio']['median'])}   (per-rank view)")
+        if last["energy_rank_ratio"]["n"]:
+            lines.append(f"  k95 / r        {_fmt(first['energy_rank_ratio']['median'])} -> "
+                         f"{_fmt(last['energy_rank_ratio']['median'])}   (spectral view: share of the rank holding "
+                         "95% of ΔW's energy)")
+            lines.append(f"  stable rank/r  {_fmt(first['stable_rank_ratio']['median'])} -> "
+                         f"{_fmt(last['stable_rank_ratio']['median'])}   (spectral view)")
+    excess = sep.get("relative_excess", float("nan"))
     lines.append(f"  separation     {sep['verdict']}"
-                 + (f" (top-10% share {_fmt(sep['relative_excess'] * 100, 1)}% above uniform)"
-                    if math.isfinite(sep.get("relative_excess", float("nan"))) else ""))
+                 + (f"; per-rank top-10% share {_fmt(excess * 100, 1)}% above uniform" if math.isfinite(excess) else ""))
     if dyn["stability"]:
         rhos = " ".join(_fmt(p["median"], 2) for p in dyn["stability"])
         lines.append(f"  rank order     median Spearman between consecutive snapshots: {rhos}")
         where = (f"stable (rho ≥ {dyn['threshold']:g}) from step {dyn['stable_from']}"
                  if dyn["stable_from_index"] is not None else f"never stayed ≥ {dyn['threshold']:g}")
         lines.append(f"  stability      {where}")
+        if any(p["modules"] for p in dyn.get("spectral_stability", [])):
+            shares = " ".join(_fmt(p["steady_share"], 2) for p in dyn["spectral_stability"])
+            lines.append(f"  energy ranks   share of modules whose k95 stayed put between snapshots: {shares}")
+            where = (f"steady (share ≥ {dyn['threshold']:g}) from step {dyn['spectral_stable_from']}"
+                     if dyn["spectral_stable_from_index"] is not None else f"never stayed ≥ {dyn['threshold']:g}")
+            lines.append(f"  spectral stab. {where}")
     else:
         lines.append("  stability      one snapshot: no ordering to compare")
     for op in dyn.get("operations", []):
@@ -271,5 +349,5 @@ def dynamics_summary_lines(dyn: dict[str, Any], rec: dict[str, Any] | None = Non
     return lines
 
 
-__all__ = ["dynamics", "operations", "spearman", "stable_from", "separation", "trajectories", "spread_at",
+__all__ = ["dynamics", "operations", "spearman", "stable_from", "separation", "trajectories", "spread_at", "spectral_pair",
            "largest_final_spread", "dynamics_summary_lines", "uniform_top_share", "band"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from .dynamics import _count, dynamics, largest_final_spread, trajectories
+from .dynamics import Band, _count, dynamics, largest_final_spread, trajectories
 from .errors import RankscopeError
 from .plotting import _pyplot, save_figure
 
@@ -101,38 +102,58 @@ def _module_x(document: dict[str, Any], traj: dict[str, Any]) -> list[float]:
     return [float(i) for i in traj["indices"]]
 
 
+def _band_line(ax, x: np.ndarray, bands: list[Band], color: str, label: str) -> None:
+    median = np.array([b["median"] for b in bands], dtype=np.float64)
+    ax.fill_between(x, [b["q25"] for b in bands], [b["q75"] for b in bands], color=color, alpha=0.2, lw=0,
+                    label="IQR over modules")
+    ax.plot(x, median, "-o", color=color, markersize=4, label=label)
+
+
 def plot_spread_over_time(dyn: dict[str, Any], path: str | os.PathLike,
                           events: Iterable[dict[str, Any]] | None = None) -> Path:
-    """Top-10% share and effective rank / r over steps: median over modules with the IQR band."""
+    """Both views over steps, median over modules with the IQR band: per-rank (left: top-10% share and
+    effective rank / r of the slot norms) and spectral (right: k95 / r and stable rank / r of ΔW)."""
     plt = _pyplot()
     x = np.asarray(dyn["x"], dtype=np.float64)
-    fig, axes = plt.subplots(2, 1, figsize=(6.8, 5.6), sharex=True)
-    panels = (("top10_share", "top-10% share of importance", "C3"),
-              ("effective_rank_ratio", "effective rank / r", "C0"))
-    for ax, (key, label, color) in zip(axes, panels):
-        median = np.array([s[key]["median"] for s in dyn["spread"]], dtype=np.float64)
-        q25 = np.array([s[key]["q25"] for s in dyn["spread"]], dtype=np.float64)
-        q75 = np.array([s[key]["q75"] for s in dyn["spread"]], dtype=np.float64)
-        ax.fill_between(x, q25, q75, color=color, alpha=0.2, lw=0, label="IQR over modules")
-        ax.plot(x, median, "-o", color=color, markersize=4, label="median over modules")
-        ax.set_ylabel(label)
+    spectral = any(s["energy_rank_ratio"]["n"] for s in dyn["spread"])
+    columns = 2 if spectral else 1
+    fig, axes = plt.subplots(2, columns, figsize=(6.0 * columns + 0.8, 5.8), sharex=True, squeeze=False)
+    panels = [(axes[0][0], "top10_share", "top-10% share of slot norms", "C3"),
+              (axes[1][0], "effective_rank_ratio", "effective rank / r of slot norms", "C0")]
+    if spectral:
+        panels += [(axes[0][1], "energy_rank_ratio", "k95 / r (95% of ΔW's energy)", "C2"),
+                   (axes[1][1], "stable_rank_ratio", "stable rank / r of ΔW", "C4")]
+    for ax, key, label, color in panels:
+        _band_line(ax, x, [s[key] for s in dyn["spread"]], color, "median over modules")
+        ax.set_ylabel(label, fontsize=9)
         ax.grid(alpha=0.3)
     uniform = [s["top10_share_uniform"]["median"] for s in dyn["spread"]]
-    axes[0].plot(x, uniform, color="grey", ls=":", lw=1, label="all ranks equal")
-    axes[1].axhline(1.0, color="grey", ls=":", lw=1, label="all ranks equal")
-    _mark_events(list(axes), _event_steps(events if events is not None else dyn.get("operations")))
-    for ax in axes:
+    axes[0][0].plot(x, uniform, color="grey", ls=":", lw=1, label="all slots equal")
+    axes[1][0].axhline(1.0, color="grey", ls=":", lw=1, label="all slots equal")
+    axes[0][0].set_title("Per-rank view (slot norms; the paper's measure)", fontsize=10)
+    if spectral:
+        for ax in axes[:, 1]:
+            ax.set_ylim(0, 1.05)
+            ax.axhline(1.0, color="grey", ls=":", lw=1, label="all r directions used alike")
+        axes[0][1].set_title("Spectral view (singular values of ΔW; basis-independent)", fontsize=10)
+    _mark_events(list(axes.flat), _event_steps(events if events is not None else dyn.get("operations")))
+    for ax in axes.flat:
         ax.legend(fontsize=7, loc="best")
-    axes[1].set_xlabel(dyn["x_label"])
-    axes[0].set_title(f"How unequal the ranks are over training\n{dyn['separation']['verdict']}", fontsize=10)
+    for ax in axes[1]:
+        ax.set_xlabel(dyn["x_label"])
+    verdict = textwrap.fill(dyn["separation"]["verdict"], 120)
+    fig.suptitle(f"How the ranks are used over training\n{verdict}", fontsize=10)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
 def plot_stability(dyn: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Median Spearman rho of rank order between consecutive snapshots, with the IQR and stable_from."""
+    """Per consecutive pair of snapshots: median Spearman rho of the slot order (per-rank view, with its IQR)
+    and the share of modules whose k95 stayed put (spectral view), each with its stable-from step."""
     plt = _pyplot()
     pairs = dyn["stability"]
-    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    spectral = [p for p in dyn.get("spectral_stability", []) if p["modules"]]
+    fig, ax = plt.subplots(figsize=(6.8, 3.9))
     if not pairs:
         ax.text(0.5, 0.5, "one snapshot: no rank order to compare", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -140,19 +161,30 @@ def plot_stability(dyn: dict[str, Any], path: str | os.PathLike) -> Path:
         median = np.array([p["median"] for p in pairs], dtype=np.float64)
         ax.fill_between(x, [p["q25"] for p in pairs], [p["q75"] for p in pairs], color="C2", alpha=0.2, lw=0,
                         label="IQR over modules")
-        ax.plot(x, median, "-o", color="C2", markersize=4, label="median Spearman vs previous snapshot")
+        ax.plot(x, median, "-o", color="C2", markersize=4, label="per-rank: median Spearman of slot order vs previous")
+        if len(spectral) == len(pairs):
+            ax.plot(x, [p["steady_share"] for p in spectral], "-s", color="C4", markersize=4,
+                    label="spectral: share of modules whose k95 stayed put")
         ax.axhline(dyn["threshold"], color="grey", ls=":", lw=1, label=f"threshold {dyn['threshold']:g}")
+        unit = dyn["x_label"].split(" ")[0]
         if dyn["stable_from_index"] is not None:
             at = dyn["x"][dyn["stable_from_index"]]
-            ax.axvline(at, color="C3", lw=1.2, label=f"stable from {dyn['x_label'].split(' ')[0]} {at:g}")
+            ax.axvline(at, color="C2", lw=1.2, ls="--", label=f"slot order stable from {unit} {at:g}")
+        if spectral and dyn.get("spectral_stable_from_index") is not None:
+            at = dyn["x"][dyn["spectral_stable_from_index"]]
+            ax.axvline(at, color="C4", lw=1.2, ls="-.", label=f"energy ranks steady from {unit} {at:g}")
         low = np.nanmin([p["q25"] for p in pairs] + [dyn["threshold"]]) if np.isfinite(median).any() else 0
         ax.set_ylim(max(-1.05, low - 0.05), 1.02)
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel(f"{dyn['x_label']} (later snapshot of each pair)")
-    ax.set_ylabel("Spearman rho of per-rank importance")
+    ax.set_ylabel("agreement with the previous snapshot")
     ax.grid(alpha=0.3)
-    verdict = (f"stable from {dyn['stable_from']}" if dyn["stable_from_index"] is not None else "never stable")
-    ax.set_title(f"Does the rank order settle? ({verdict})", fontsize=10)
+    verdict = (f"slot order stable from {dyn['stable_from']}" if dyn["stable_from_index"] is not None
+               else "slot order never stable")
+    if spectral:
+        verdict += (f"; energy ranks steady from {dyn['spectral_stable_from']}"
+                    if dyn.get("spectral_stable_from_index") is not None else "; energy ranks never steady")
+    ax.set_title(f"Do the ranks settle? ({verdict})", fontsize=10)
     return save_figure(fig, path)
 
 

@@ -63,6 +63,7 @@ class LoraModule:
     E: np.ndarray | None = None  # AdaLoRA singular values, (r,)
     rank_weights: np.ndarray | None = None  # BeamLoRA w stored beside A (not folded in)
     scores: np.ndarray | None = None  # BeamLoRA raw scores, kept for analysis (w already folded)
+    keys: dict[str, str] = field(default_factory=dict)  # role ("A", "B", "alpha", "E", ...) -> tensor name
     _read_A: Callable[[], np.ndarray] = field(default=None, repr=False)
     _read_B: Callable[[], np.ndarray] = field(default=None, repr=False)
 
@@ -236,7 +237,7 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
             name=name, rank=rank, scale=1.0, in_features=in_features, out_features=out_features,
             stored_dtype=tf.dtype(parts["A"]), layer_type=layer_type, dora="magnitude" in parts,
             _read_A=_oriented(tf, parts["A"], transpose, flatten=True),
-            _read_B=_oriented(tf, parts["B"], transpose, flatten=True),
+            _read_B=_oriented(tf, parts["B"], transpose, flatten=True), keys=dict(parts),
         )
         if "B_bias" in parts:
             notes.add("some lora_B layers carry a bias (lora_bias=True): ΔW is reported without it")

@@ -77,6 +77,27 @@ def update_spectrum(A: np.ndarray, B: np.ndarray, scale: float = 1.0, coefficien
     return np.pad(np.abs(values), (0, r - values.size))
 
 
+def truncated_factors(A: np.ndarray, B: np.ndarray, keep: int,
+                      coefficients: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A', B', σ): the best rank-``keep`` approximation of ``B diag(c) A`` as ``B' A'`` (Eckart–Young).
+
+    From ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (Householder QR) and the r×r SVD ``R_B R_Aᵀ = U Σ Vᵀ``:
+    ``B' = Q_B U_k Σ_k^½`` (out, k) and ``A' = Σ_k^½ V_kᵀ Q_Aᵀ`` (k, in), the singular values split
+    evenly between them; σ holds all r of them, largest first. Nothing d×k is ever formed. float64.
+    """
+    A64, B64 = _as_f64(A), _as_f64(B)
+    if coefficients is not None:
+        B64 = B64 * _as_f64(coefficients).reshape(1, -1)
+    q_b, r_b = np.linalg.qr(B64)
+    q_a, r_a = np.linalg.qr(A64.T)
+    u, sigma, vt = np.linalg.svd(r_b @ r_a.T)
+    k = max(0, min(keep, sigma.size))
+    root = np.sqrt(sigma[:k])
+    B_new = (q_b @ u[:, :k]) * root
+    A_new = (root[:, None] * vt[:k]) @ q_a.T
+    return A_new, B_new, np.pad(sigma, (0, A64.shape[0] - sigma.size))
+
+
 def deciles(importance: np.ndarray) -> np.ndarray:
     """The 0, 10, ..., 100% quantiles of the importances divided by the largest (all zeros if it is 0)."""
     importance = _as_f64(importance)
@@ -192,11 +213,29 @@ def band(values: Iterable[float | None]) -> dict[str, float]:
             "min": float(x.min()), "max": float(x.max()), "n": int(x.size)}
 
 
-def decile_band(rows: np.ndarray) -> dict[str, list[float]]:
-    """Median and inter-quartile band, decile by decile, over modules (rows of 11 deciles)."""
-    rows = _as_f64(rows).reshape(-1, DECILE_LEVELS.size)
+def curve_band(rows: np.ndarray, width: int) -> dict[str, list[float]]:
+    """Median and inter-quartile band, point by point, over modules (one curve of ``width`` points a row)."""
+    rows = _as_f64(rows).reshape(-1, width)
     if rows.shape[0] == 0:
-        empty = [float("nan")] * DECILE_LEVELS.size
+        empty = [float("nan")] * width
         return {"median": empty, "q25": empty, "q75": empty}
     q25, median, q75 = np.quantile(rows, [0.25, 0.5, 0.75], axis=0)
     return {"median": median.tolist(), "q25": q25.tolist(), "q75": q75.tolist()}
+
+
+def decile_band(rows: np.ndarray) -> dict[str, list[float]]:
+    """Median and inter-quartile band, decile by decile, over modules (rows of 11 deciles)."""
+    return curve_band(rows, DECILE_LEVELS.size)
+
+
+ENERGY_GRID = np.linspace(0.0, 1.0, 41)  # k / r, where modules of different rank meet
+
+
+def energy_curve(spectrum: np.ndarray, grid: np.ndarray = ENERGY_GRID) -> np.ndarray:
+    """Cumulative energy share against k / r, linear between the points (k/r, share of the top k), from (0, 0).
+
+    Equal singular values give the diagonal; a zero update gives all zeros.
+    """
+    cumulative = cumulative_energy(spectrum)
+    x = np.arange(cumulative.size + 1) / max(1, cumulative.size)
+    return np.interp(grid, x, np.concatenate([[0.0], cumulative]))

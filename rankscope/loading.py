@@ -284,3 +284,26 @@ def load(path: str | os.PathLike, format: str | None = None) -> Checkpoint | Ser
     """
     found = discover(path, format)
     return found.load() if isinstance(found, SnapshotRef) else found
+
+
+def resolve_adapter(adapter: str | os.PathLike | Checkpoint | Series, step: int | None = None,
+                    format: str | None = None) -> Checkpoint:
+    """A checkpoint from a path, a Checkpoint or a run folder (its final adapter, or the snapshot at ``step``)."""
+    if isinstance(adapter, Checkpoint):
+        if step is not None and adapter.step != step:
+            raise RankscopeError(f"{adapter.path} is one checkpoint (step {adapter.step}), not a run folder: "
+                                 f"--step {step} needs a run folder with snapshots")
+        return adapter
+    found = adapter if isinstance(adapter, Series) else discover(adapter, format)
+    if isinstance(found, Series):
+        if step is not None:
+            return found.at_step(step)
+        if found.final is None:
+            raise RankscopeError(f"{found.path} is a run folder without a final adapter: choose a snapshot with "
+                                 f"--step (steps {found.steps})")
+        return found.final.load()
+    checkpoint = found.load()
+    if step is not None and checkpoint.step != step:
+        raise RankscopeError(f"{found.weights} is one checkpoint (step {checkpoint.step}), not a run folder: "
+                             f"--step {step} needs a run folder with snapshots")
+    return checkpoint

@@ -1,4 +1,4 @@
-"""What ``--out DIR`` holds for each command: JSON, plots and ``report.html``, each written atomically.
+"""What ``--out DIR`` holds for each command: JSON, plots and ``report.html``, the folder written as a whole.
 
 The commands in ``cli.py`` only parse options and print; these functions decide the files.
 """
@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text
+from .atomic import output_folder, write_text
 from .errors import RankscopeError
-from .html_report import Section, write_report
+from .html_report import TWO_VIEWS, Section, write_report
 from .report import summary_lines, to_json
 
 
@@ -31,14 +31,30 @@ def temporal_view(document: dict[str, Any], total_steps: int | None = None) -> t
     return dyn, rec, dynamics_summary_lines(dyn, rec) + notes
 
 
+def _final(paths: list[Path], tmp: Path, out_dir: Path) -> list[Path]:
+    return [out_dir / p.relative_to(tmp) for p in paths]
+
+
 def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, dyn: dict | None = None,
-                   rec: dict | None = None, module: str | None = None) -> list[Path]:
-    """analysis.json, deciles.png, heatmap.png, the temporal plots for a series, and report.html."""
+                   rec: dict | None = None, module: str | None = None,
+                   extra: dict[str, str] | None = None) -> list[Path]:
+    """analysis.json, deciles.png, energy.png, heatmap.png, the temporal plots for a series, and report.html,
+    plus ``extra`` files (name -> text); the folder is built aside and swapped in whole."""
+    out_dir = Path(out_dir)
+    with output_folder(out_dir) as tmp:
+        return _final(_analysis_files(document, tmp, dyn, rec, module, extra or {}), tmp, out_dir)
+
+
+def _analysis_files(document: dict[str, Any], out_dir: Path, dyn: dict | None, rec: dict | None,
+                    module: str | None, extra: dict[str, str]) -> list[Path]:
     from .plotting import plot_analysis
 
-    out_dir = Path(out_dir)
+    written = []
+    for name, text in extra.items():
+        write_text(out_dir / name, text)
+        written.append(out_dir / name)
     plots = plot_analysis(document, out_dir)
-    sections = [Section("Summary", summary_lines(document), list(plots))]
+    sections = [Section("Summary", summary_lines(document), list(plots), [TWO_VIEWS])]
     if dyn is not None:
         from .dynamics import dynamics_summary_lines
         from .dynamics_plot import plot_dynamics
@@ -52,7 +68,7 @@ def write_analysis(document: dict[str, Any], out_dir: str | os.PathLike, dyn: di
     write_text(json_path, to_json(document) + "\n")
     report = write_report(out_dir / "report.html", f"rankscope: {document.get('path')}", sections,
                           subtitle=f"{document.get('format')} · {len(document['snapshots'])} snapshot(s)")
-    return plots + [json_path, report]
+    return written + plots + [json_path, report]
 
 
 def recommendation_lines(rec: dict[str, Any]) -> list[str]:
@@ -68,13 +84,15 @@ def recommendation_lines(rec: dict[str, Any]) -> list[str]:
 
 
 def write_compare(result: dict[str, Any], out_dir: str | os.PathLike, lines: list[str]) -> list[Path]:
-    """compare.json, the overlay plots and report.html."""
+    """compare.json, the overlay plots and report.html; the folder is built aside and swapped in whole."""
     from .compare import plot_compare
 
     out_dir = Path(out_dir)
-    plots = plot_compare(result, out_dir)
-    json_path = out_dir / "compare.json"
-    write_text(json_path, to_json(result) + "\n")
-    labels = ", ".join(run["label"] for run in result["runs"])
-    report = write_report(out_dir / "report.html", f"rankscope compare: {labels}", [Section("Comparison", lines, plots)])
-    return plots + [json_path, report]
+    with output_folder(out_dir) as tmp:
+        plots = plot_compare(result, tmp)
+        json_path = tmp / "compare.json"
+        write_text(json_path, to_json(result) + "\n")
+        labels = ", ".join(run["label"] for run in result["runs"])
+        report = write_report(tmp / "report.html", f"rankscope compare: {labels}",
+                              [Section("Comparison", lines, plots, [TWO_VIEWS])])
+        return _final(plots + [json_path, report], tmp, out_dir)

@@ -15,9 +15,11 @@ method, within the budget). Nearly flat importances prune (1 − p)·N ranks (+1
 p_init ≈ 1 − target_share; the more unequal the importances, the more small ranks share the last
 (1 − p) of the mass, so the same p prunes more ranks and p_init comes out higher.
 
-Δt. Operations run until end_step = ⅔ of total_steps (the official schedule), strictly before it (p
-reaches 1 there); Δt = end_step / 6 gives five operations, but the first operation (at step Δt) should not come before the rank
-ordering has stabilised (``dynamics.stable_from``), so Δt = max(end_step / 6, stable step).
+Δt. Operations run until end_step = ⌊⅔ · total_steps⌋ (the official schedule, and the trainer's
+own rule: ``beamlora.selection.default_end_step``), strictly before it (p reaches 1 there); Δt =
+end_step / 6 gives five operations, but the first operation (at step Δt) should not come before the
+rank ordering has stabilised (``dynamics.stable_from``), so Δt = max(end_step / 6, stable step),
+and never below the trainer's smallest Δt (2).
 total_steps defaults to 3 × the run's last step. Assumption when total_steps differs from the
 observed run: the observed run is a shortened copy of the long one with the same schedule shape,
 so its ordering stabilises at the same *fraction* of training; stable_from is scaled by
@@ -41,7 +43,6 @@ from .errors import RankscopeError
 P_GRID = tuple(round(0.90 + 0.01 * i, 2) for i in range(10))
 TARGET_SHARE = 0.05  # share of all ranks the paper's p_init 0.95 operates on when importances are equal
 OPERATIONS = 5  # "chosen so that about five operations happen"
-END_FRACTION = 2 / 3  # T_end: pruning only in the first two of three epochs
 DEFAULT_TOTAL_FACTOR = 3
 
 
@@ -90,9 +91,8 @@ def choose_p_init(table: list[dict[str, Any]], total_ranks: int, target: float) 
     return table[-1], False
 
 
-def operation_steps(delta_t: int, end_step: int, total_steps: int) -> list[int]:
-    """The steps BeamLoRA operates at: multiples of Δt before end_step, with Δt steps still to go."""
-    return [t for t in range(delta_t, end_step, delta_t) if t + delta_t <= total_steps]
+# The steps BeamLoRA operates at (multiples of Δt before end_step, with Δt steps still to go): the trainer's rule.
+operation_steps = selection.operation_steps
 
 
 def _observed_last_step(steps: list[int | None]) -> int | None:
@@ -102,13 +102,13 @@ def _observed_last_step(steps: list[int | None]) -> int | None:
 
 def choose_delta_t(stable_step: int | None, observed: int | None, total_steps: int, scale: bool) -> dict[str, Any]:
     """Δt = max(end_step / 6, stable step in the long run's units); and how many operations then fit."""
-    end_step = int(round(END_FRACTION * total_steps))
+    end_step = selection.default_end_step(total_steps)  # what BeamLoraConfig resolves end_step=None to
     base = end_step / (OPERATIONS + 1)  # operations run strictly before end_step, where p reaches 1
     stable_long = None
     if stable_step is not None:
         stable_long = stable_step * total_steps / observed if scale and observed else float(stable_step)
-    delta_t = max(base, stable_long or 0.0)
-    delta_t = max(1, min(int(math.ceil(delta_t - 1e-9)), end_step)) if end_step >= 1 else 1
+    delta_t = min(int(math.ceil(max(base, stable_long or 0.0) - 1e-9)), end_step)
+    delta_t = max(selection.MIN_DELTA_T, delta_t)  # beamlora train rejects a smaller Δt
     return {"end_step": end_step, "base": base, "stable_long": stable_long, "delta_t": delta_t,
             "bound_by_stability": stable_long is not None and stable_long > base,
             "operations": len(operation_steps(delta_t, end_step, total_steps))}
@@ -161,6 +161,10 @@ def recommend(document: dict[str, Any], total_steps: int | None = None, *, targe
     if timing["stable_long"] is not None and timing["stable_long"] >= timing["end_step"]:
         warnings.append(f"the ordering settles only at step {timing['stable_long']:.0f} of the long run, at or after "
                         f"end_step {timing['end_step']}: no operation fits; train longer or move end_step")
+    elif timing["operations"] == 0:
+        warnings.append(f"no operation fits in {total_steps} steps: Δt {timing['delta_t']} (at least "
+                        f"{selection.MIN_DELTA_T}) leaves no multiple before end_step {timing['end_step']} with Δt "
+                        "steps still to go; BeamLoRA would train as plain LoRA, plan a longer run")
     if dyn["stable_from_index"] is not None and stable_step is None:
         warnings.append("the snapshots carry no step numbers: the stabilisation point cannot be placed, so Δt "
                         "comes from end_step / 6 alone")
@@ -193,8 +197,8 @@ def _flatness_reason(sep: dict[str, Any], table: list[dict[str, Any]], p_init: f
         return (f"importances have separated ({sep['verdict']}): the low ranks hold little mass, so a cut at p prunes "
                 f"more than the {row['flat_would_prune']} ranks equal importances would; p_init rises to keep the "
                 "first operation small")
-    return (f"importances are nearly flat (top-10% share {sep['relative_excess']:.0%} above uniform, effective rank "
-            f"{sep['final_effective_rank_ratio']:.3f} of r): a cut at p then prunes about (1 − p)·N ranks plus the "
+    return (f"slot importances are nearly flat in the per-rank view that BeamLoRA acts on (top-10% share "
+            f"{sep['relative_excess']:.0%} above uniform, effective rank {sep['final_effective_rank_ratio']:.3f} of r): a cut at p then prunes about (1 − p)·N ranks plus the "
             f"crossing one, here {row['pruned_total']} measured against {row['flat_would_prune']} for exactly equal "
             f"importances, so p_init comes out near 1 − {TARGET_SHARE:.0%}; the measured counts still decide it, and "
             "the ordering, not the size of the differences, is what BeamLoRA acts on")
@@ -202,7 +206,8 @@ def _flatness_reason(sep: dict[str, Any], table: list[dict[str, Any]], p_init: f
 
 def _delta_t_reasons(timing: dict[str, Any], stable_step: int | None, first_step: int | None, observed: int | None,
                      total_steps: int, scale: bool, threshold: float) -> list[str]:
-    reasons = [f"end_step {timing['end_step']} = ⅔ of {total_steps} steps (operations only in the first two thirds)"]
+    reasons = [f"end_step {timing['end_step']} = ⌊⅔ · {total_steps}⌋ steps, as the trainer computes it "
+               "(operations only in the first two thirds)"]
     reasons.append(f"{OPERATIONS} operations strictly before end_step: end_step / {OPERATIONS + 1} = {timing['base']:.0f} steps")
     if stable_step is None:
         reasons.append(f"no stable ordering observed (median Spearman never stayed ≥ {threshold:g}): Δt is not held "
@@ -238,8 +243,8 @@ def _data_warnings(dyn: dict[str, Any], threshold: float) -> list[str]:
         warnings.append(f"the rank ordering never stabilised (median Spearman < {threshold:g} at the end): "
                         "operations would act on an ordering that still changes")
     if not dyn["separation"]["separated"]:
-        warnings.append("importances have not separated (nearly flat): the recommendation rests on small "
-                        "differences; a longer pilot run gives firmer numbers")
+        warnings.append("slot importances have not separated (nearly flat, per-rank view): the recommendation "
+                        "rests on small differences; a longer pilot run gives firmer numbers")
     return warnings
 
 

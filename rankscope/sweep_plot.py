@@ -1,4 +1,5 @@
-"""The sweep plot: metric against fraction of ranks pruned, one line per order (the paper's Figures 1 and 4)."""
+"""The sweep plots: metric against the fraction of ranks pruned, one line per order (the paper's Figures 1
+and 4), and the compression view: metric against the share of the adapter's parameters kept."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def plot_sweep(document: dict[str, Any], path: str | os.PathLike, title: str | N
     for p in document["points"]:
         if p["value"] is not None:
             series[p["order"]][p["fraction"]].append(p["value"])
+    series.pop("energy", None)  # drawn in the compression view, whose x axis fits it
     for order in sorted(series, key=lambda o: list(_STYLE).index(o) if o in _STYLE else len(_STYLE)):
         color, style, label = _STYLE.get(order, ("C4", "-x", order))
         fractions = sorted(series[order])
@@ -44,6 +46,36 @@ def plot_sweep(document: dict[str, Any], path: str | os.PathLike, title: str | N
     ax.set_ylabel(document["metric"] + ("" if document.get("higher_is_better", True) else " (lower is better)"))
     ax.set_xlim(-2, 102)
     ax.set_title(title or "Pruning ranks by importance")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_compression(document: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Metric against the share of the adapter's parameters kept: least-important slots pruned (per-rank view),
+    the same number of weakest directions cut in every module (spectral), and per-module energy thresholds
+    (each module keeps the directions holding a share f of its energy: what ``rankscope resize`` writes)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.6, 4.3))
+    for order in ("least", "spectral"):
+        pts = sorted((p["params_kept"], p["value"]) for p in document["points"]
+                     if p["order"] == order and p.get("params_kept") is not None and p["value"] is not None)
+        if pts:
+            color, style, label = _STYLE[order]
+            ax.plot([x * 100 for x, _ in pts], [y for _, y in pts], style, color=color, markersize=4, label=label)
+    energy = sorted((p["params_kept"], p["value"], p["energy"]) for p in document["points"]
+                    if p["order"] == "energy" and p["value"] is not None)
+    if energy:
+        ax.plot([x * 100 for x, _, _ in energy], [y for _, y, _ in energy], "-*", color="C4", markersize=9,
+                label="each module keeps f of its energy")
+        for x, y, f in energy:
+            ax.annotate(f"f={f:g}", (x * 100, y), textcoords="offset points", xytext=(4, -11), fontsize=7, color="C4")
+    if document.get("baseline") is not None:
+        ax.axhline(document["baseline"], color="grey", lw=0.8, ls=":", label="unpruned")
+    ax.set_xlabel("LoRA parameters kept (%)")
+    ax.set_ylabel(document["metric"] + ("" if document.get("higher_is_better", True) else " (lower is better)"))
+    ax.set_xlim(-2, 102)
+    ax.set_title(title or "How small can the adapter get?")
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)

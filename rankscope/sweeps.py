@@ -24,14 +24,16 @@ import numpy as np
 import torch
 
 from .errors import RankscopeError
-from .importance import rank_importance
+from .importance import rank_importance, truncated_factors
 from .analysis import progress_bar
-from .loading import Checkpoint, Series, discover
+from .loading import Checkpoint, Series, resolve_adapter
 
 from .report import SWEEP_SCHEMA as SCHEMA
 RANK_ORDERS = ("least", "most", "random")
 ORDERS = RANK_ORDERS + ("spectral",)
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
+# The compression view: each module keeps the directions holding this share of its energy (rankscope resize).
+DEFAULT_ENERGIES = (0.8, 0.9, 0.95, 0.99)
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -64,25 +66,6 @@ def ranks_to_drop(importance: np.ndarray, fraction: float, order: str,
     else:
         raise RankscopeError(f"unknown order {order!r}: expected one of {', '.join(RANK_ORDERS)}")
     return np.sort(chosen)
-
-
-def truncated_factors(A: torch.Tensor, B: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A', B') with the same shapes whose product is the best rank-``keep`` approximation of B A.
-
-    From B = Q_B R_B and Aᵀ = Q_A R_A: B A = Q_B (R_B R_Aᵀ) Q_Aᵀ, so only an r×r SVD is needed,
-    never the d×k product. The kept directions (√σ on each side) fill the first slots, the rest are
-    zero. Returned in float64.
-    """
-    A64, B64 = A.detach().double(), B.detach().double()
-    q_b, r_b = torch.linalg.qr(B64)
-    q_a, r_a = torch.linalg.qr(A64.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    m = max(0, min(keep, s.numel()))
-    root = s[:m].sqrt()
-    A_new, B_new = torch.zeros_like(A64), torch.zeros_like(B64)
-    B_new[:, :m] = (q_b @ u[:, :m]) * root
-    A_new[:m] = root[:, None] * (q_a @ vh[:m].T).T
-    return A_new, B_new
 
 
 # ----------------------------------------------------------------------------- the model's LoRA layers
@@ -218,28 +201,6 @@ def match_checkpoint(layers: list[LoraLayerRef], checkpoint: Checkpoint) -> tupl
     return [importances[id(layer)] for layer in layers], notes
 
 
-def resolve_adapter(adapter: str | os.PathLike | Checkpoint | Series, step: int | None = None) -> Checkpoint:
-    """A checkpoint from a path, a Checkpoint or a run folder (its final adapter, or the snapshot at ``step``)."""
-    if isinstance(adapter, Checkpoint):
-        if step is not None and adapter.step != step:
-            raise RankscopeError(f"{adapter.path} is one checkpoint (step {adapter.step}), not a run folder: "
-                                 f"--step {step} needs a run folder with snapshots")
-        return adapter
-    found = adapter if isinstance(adapter, Series) else discover(adapter)
-    if isinstance(found, Series):
-        if step is not None:
-            return found.at_step(step)
-        if found.final is None:
-            raise RankscopeError(f"{found.path} is a run folder without a final adapter: choose a snapshot with "
-                                 f"--step (steps {found.steps})")
-        return found.final.load()
-    checkpoint = found.load()
-    if step is not None and checkpoint.step != step:
-        raise RankscopeError(f"{found.weights} is one checkpoint (step {checkpoint.step}), not a run folder: "
-                             f"--step {step} needs a run folder with snapshots")
-    return checkpoint
-
-
 # ----------------------------------------------------------------------------- masking
 
 
@@ -271,8 +232,12 @@ class Masker:
             return
         if index not in self._svd:  # once per module: the SVD of the original update
             A0, B0 = self._saved[index]
-            A_full, B_full = truncated_factors(A0, B0, layer.rank)
-            self._svd[index] = (A_full.to(A0.dtype), B_full.to(B0.dtype))
+            A_full, B_full, _ = truncated_factors(A0.double().cpu().numpy(), B0.double().cpu().numpy(), layer.rank)
+            # Directions beyond min(out, in, r) do not exist: their slots stay zero.
+            A_pad, B_pad = torch.zeros_like(A0), torch.zeros_like(B0)
+            A_pad[:A_full.shape[0]] = torch.from_numpy(A_full).to(A0)
+            B_pad[:, :B_full.shape[1]] = torch.from_numpy(B_full).to(B0)
+            self._svd[index] = (A_pad, B_pad)
         A_full, B_full = self._svd[index]
         layer.A.zero_()
         layer.B.zero_()
@@ -299,10 +264,12 @@ class Masker:
 
 @dataclass
 class SweepPoint:
-    order: str  # "least", "most", "random" or "spectral"
-    fraction: float
+    order: str  # "least", "most", "random", "spectral" or "energy"
+    fraction: float  # share of all ranks removed (per module for the first four, overall for "energy")
     seed: int | None
     value: float
+    params_kept: float | None = None  # share of the adapter's LoRA parameters still in use: Σ k·(in+out) / Σ r·(in+out)
+    energy: float | None = None  # "energy" points: the share of each module's Σσ² kept
 
 
 @dataclass
@@ -339,7 +306,8 @@ class SweepResult:
             "evaluations": self.evaluations,
             "summary": self.summary_line(),
             "notes": self.notes,
-            "points": [{"order": p.order, "fraction": p.fraction, "seed": p.seed, "value": p.value} for p in self.points],
+            "points": [{"order": p.order, "fraction": p.fraction, "seed": p.seed, "value": p.value,
+                        "params_kept": p.params_kept, "energy": p.energy} for p in self.points],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -350,9 +318,10 @@ class SweepResult:
     def to_csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["order", "fraction", "seed", "value"])
+        writer.writerow(["order", "fraction", "seed", "value", "params_kept", "energy"])
         for p in self.points:
-            writer.writerow([p.order, repr(p.fraction), "" if p.seed is None else p.seed, repr(p.value)])
+            writer.writerow([p.order, repr(p.fraction), "" if p.seed is None else p.seed, repr(p.value),
+                             "" if p.params_kept is None else repr(p.params_kept), "" if p.energy is None else p.energy])
         return buffer.getvalue()
 
     def _cost(self, value: float) -> str:
@@ -363,32 +332,43 @@ class SweepResult:
         return f"{_fmt(worse)}"
 
     def summary_line(self) -> str:
-        """e.g. "pruning the least important 50% of ranks costs 0.4 points; the most important 10% costs 31"."""
-        swept = sorted({p.fraction for p in self.points if p.fraction > 0})
+        """e.g. "pruning the least important 50% of ranks costs 0.4 points; the most important 10% costs 31;
+        keeping 95% of each module's energy (34% of the parameters) costs 0.2 points"."""
+        swept = sorted({p.fraction for p in self.points if p.fraction > 0 and p.order != "energy"})
         inner = [f for f in swept if f < 1] or swept
         tail = f"{self.metric} {_fmt(self.baseline)} unpruned" + ("" if self.higher_is_better else ", lower is better")
-        if not inner:
-            return f"no fraction above 0 was swept ({tail})"
         have = {p.order for p in self.points}
         parts = []
         for order, target, words in (("least", 0.5, "the least important {} of ranks"), ("most", 0.1, "the most important {}"),
                                      ("random", 0.5, "a random {}"), ("spectral", 0.5, "the weakest {} of singular directions")):
-            if order in have:
+            if order in have and inner:
                 f = min(inner, key=lambda x: (abs(x - target), x))
                 parts.append(words.format(f"{f * 100:.0f}%") + f" costs {self._cost(self.value(order, f))}")
-        return "pruning " + "; ".join(parts) + f" ({tail})"
+        line = "pruning " + "; ".join(parts) if parts else ""
+        energy = {p.energy: p for p in self.points if p.order == "energy"}
+        if 0.95 in energy:
+            e = energy[0.95]
+            line += ("; " if line else "") + (f"keeping 95% of each module's energy ({e.params_kept:.0%} of the "
+                                              f"parameters) costs {self._cost(e.value)}")
+        return f"{line} ({tail})" if line else f"no fraction above 0 was swept ({tail})"
 
     def save(self, out_dir: str | os.PathLike, title: str | None = None) -> list[Path]:
-        """Write ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``out_dir`` (each atomically)."""
-        from .atomic import write_text
-        from .sweep_plot import plot_sweep
+        """Write ``sweep.json``, ``sweep.csv``, ``sweep.png`` (and ``compression.png``) into ``out_dir``, the folder
+        built aside and swapped in whole (an earlier rankscope output folder is replaced, anything else refused)."""
+        from .atomic import output_folder, write_text
+        from .sweep_plot import plot_compression, plot_sweep
 
         out_dir = Path(out_dir)
-        paths = [out_dir / "sweep.json", out_dir / "sweep.csv"]
-        write_text(paths[0], self.to_json() + "\n")
-        write_text(paths[1], self.to_csv())
-        paths.append(plot_sweep(self.to_dict(), out_dir / "sweep.png", title=title))
-        return paths
+        names = ["sweep.json", "sweep.csv", "sweep.png"]
+        with output_folder(out_dir) as tmp:
+            write_text(tmp / "sweep.json", self.to_json() + "\n")
+            write_text(tmp / "sweep.csv", self.to_csv())
+            document = self.to_dict()
+            plot_sweep(document, tmp / "sweep.png", title=title)
+            if any(p.order == "energy" for p in self.points):
+                plot_compression(document, tmp / "compression.png", title=title)
+                names.append("compression.png")
+        return [out_dir / name for name in names]
 
 
 def _fmt(x: float | None) -> str:
@@ -421,12 +401,28 @@ def _check_fractions(fractions: Iterable[float]) -> list[float]:
     return sorted(set(out))
 
 
+def _energy_drops(layers: list[LoraLayerRef], energies: Sequence[float]) -> dict[float, list[int]]:
+    """Per energy share f: how many directions each layer drops when it keeps the fewest holding f of its energy."""
+    from .importance import update_spectrum
+    from .suggest import module_rank
+
+    if not energies:
+        return {}
+    spectra = [update_spectrum(layer.A.double().cpu().numpy(), layer.B.double().cpu().numpy()) for layer in layers]
+    return {f: [layer.rank - module_rank(s, layer.rank, energy=f) for layer, s in zip(layers, spectra)] for f in energies}
+
+
 def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Series | None,
           evaluate: Callable[[torch.nn.Module], float], fractions: Sequence[float] = DEFAULT_FRACTIONS,
           orders: Sequence[str] = RANK_ORDERS, seeds: int | Sequence[int] = 3, spectral: bool = True,
           progress: bool | None = None, metric: str | None = None, higher_is_better: bool = True,
-          step: int | None = None, check_restore: bool = True) -> SweepResult:
+          step: int | None = None, check_restore: bool = True,
+          energies: Sequence[float] = DEFAULT_ENERGIES) -> SweepResult:
     """Prune each module's least / most / random ranks (and spectral directions) at each fraction and evaluate.
+
+    ``energies`` adds the compression view: for each share f, every module keeps the fewest singular
+    directions holding f of its energy (what ``rankscope resize --energy f`` writes), and each point records
+    the share of the adapter's parameters kept (so do all other points).
 
     ``model`` carries the adapter's LoRA layers (a PeftModel, or any model whose layers have
     lora_A/lora_B); ``adapter`` is the checkpoint it was loaded from (path, run folder, Checkpoint),
@@ -478,32 +474,45 @@ def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Seri
 
     unpruned = ("rank", tuple(() for _ in layers))
     everything = ("rank", tuple(tuple(range(layer.rank)) for layer in layers))
+    widths = np.array([layer.A.shape[1] + layer.B.shape[0] for layer in layers], dtype=np.float64)
+    full = float(sum(layer.rank * w for layer, w in zip(layers, widths)))
+
+    def kept(drops: Sequence[int]) -> float:
+        return float(sum((layer.rank - d) * w for layer, d, w in zip(layers, drops, widths)) / full)
+
+    energy_drops = _energy_drops(layers, _check_fractions(energies) if energies else [])
     points: list[SweepPoint] = []
     try:
         baseline = cache[unpruned] = measure()
-        plan = _plan(fractions, orders, seed_list)
+        plan = _plan(fractions, orders, seed_list) + [("energy", f, None) for f in energy_drops]
         with progress_bar(len(plan), progress, "sweeping", "point") as bar:
             for order, fraction, seed in plan:
-                if order == "spectral":
-                    drops = [drop_count(layer.rank, fraction) for layer in layers]
+                if order in ("spectral", "energy"):
+                    drops = (energy_drops[fraction] if order == "energy"
+                             else [drop_count(layer.rank, fraction) for layer in layers])
                     key = (unpruned if not any(drops) else everything if all(d == layer.rank for d, layer in zip(drops, layers))
                            else ("spectral", tuple(drops)))
                 else:
                     chosen = [ranks_to_drop(imp, fraction, order,
                                             np.random.default_rng([seed, i]) if order == "random" else None)
                               for i, imp in enumerate(importances)]
+                    drops = [len(c) for c in chosen]
                     key = ("rank", tuple(tuple(c.tolist()) for c in chosen))
                 if key not in cache:
                     try:
                         for i, layer in enumerate(layers):
-                            if order == "spectral":
+                            if order in ("spectral", "energy"):
                                 masker.keep_spectral(i, layer.rank - drops[i])
                             else:
                                 masker.drop(i, chosen[i])
                         cache[key] = measure()
                     finally:
                         masker.restore()
-                points.append(SweepPoint(order, fraction, seed, cache[key]))
+                if order == "energy":
+                    share = sum(drops) / sum(layer.rank for layer in layers)  # of all ranks, removed
+                    points.append(SweepPoint(order, share, None, cache[key], kept(drops), fraction))
+                else:
+                    points.append(SweepPoint(order, fraction, seed, cache[key], kept(drops)))
                 bar.update(1)
         restored_value = measure() if check_restore else None
     finally:
@@ -522,6 +531,6 @@ def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Seri
     )
 
 
-__all__ = ["SCHEMA", "ORDERS", "RANK_ORDERS", "DEFAULT_FRACTIONS", "sweep", "SweepResult", "SweepPoint",
-           "ranks_to_drop", "drop_count", "truncated_factors", "lora_layers", "LoraLayerRef", "match_checkpoint",
+__all__ = ["SCHEMA", "ORDERS", "RANK_ORDERS", "DEFAULT_FRACTIONS", "DEFAULT_ENERGIES", "sweep", "SweepResult", "SweepPoint",
+           "ranks_to_drop", "drop_count", "lora_layers", "LoraLayerRef", "match_checkpoint",
            "resolve_adapter", "Masker"]

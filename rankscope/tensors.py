@@ -294,6 +294,13 @@ class SafetensorsFile(TensorFile):
         self._release(offset, count * 2)
         return widened
 
+    def raw(self, name: str) -> bytes:
+        """The tensor's stored bytes, exactly as in the file (to copy a tensor without converting it)."""
+        shape = self._shapes[name]
+        size = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_DTYPES[self._dtypes[name]][1]
+        offset = self._offsets[name]
+        return bytes(self._mmap[offset:offset + size]) if size else b""
+
     def _release(self, offset: int, length: int) -> None:
         """Unmap pages already copied out, so a snapshot's resident memory stays small.
 
@@ -364,6 +371,46 @@ class PickleFile(TensorFile):
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
         return tensor.numpy()
+
+
+def float_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float values to bfloat16 (nearest, ties to even, as torch does), returned as raw uint16 bits."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():  # keep NaN a NaN (rounding could carry it into Inf)
+        out[nan] = 0x7FC0
+    return out
+
+
+def encode_tensor(array: np.ndarray, dtype: str) -> bytes:
+    """``array`` stored as safetensors dtype ``dtype`` (F64, F32, F16 or BF16), little-endian bytes."""
+    if dtype == "BF16":
+        return float_to_bf16_bits(array).tobytes()
+    if dtype not in ("F64", "F32", "F16"):
+        raise RankscopeError(f"cannot write dtype {dtype}: expected F64, F32, F16 or BF16")
+    return np.ascontiguousarray(array, dtype=_SAFETENSORS_DTYPES[dtype][0]).tobytes()
+
+
+def encode_safetensors(tensors: dict[str, tuple[str, tuple[int, ...], bytes]], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file from ``{name: (dtype, shape, raw bytes)}``: a JSON header padded to 8 bytes, then the data.
+
+    Offsets are contiguous in name order, as the official writer lays them out.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, chunks = 0, []
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        expected = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_DTYPES[dtype][1]
+        if len(data) != expected:
+            raise RankscopeError(f"tensor {name!r} ({dtype} {list(shape)}) has {len(data)} bytes, expected {expected}")
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
 
 
 def open_tensor_file(path: str | os.PathLike) -> TensorFile:

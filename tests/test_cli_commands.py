@@ -46,7 +46,8 @@ def test_analyze_run_adds_the_temporal_view_and_an_offline_report(tmp_path):
     assert medians[0] > medians[-1]
     assert "recommend" in done.stderr and "stability" in done.stderr
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert pngs == ["deciles.png", "heatmap.png", "rank_heatmap.png", "spread_over_time.png", "stability.png"]
+    assert pngs == ["deciles.png", "energy.png", "heatmap.png", "rank_heatmap.png", "spread_over_time.png",
+                    "stability.png"]
     images = embedded_images(tmp_path / "out" / "report.html")
     assert sorted(images) == sorted((tmp_path / "out" / name).read_bytes() for name in pngs)
     assert "p_init" in (tmp_path / "out" / "report.html").read_text()
@@ -105,4 +106,4 @@ def test_real_series_give_a_temporal_report(tmp_path):
         dyn = json.loads((out / "doc.json").read_text())["dynamics"]
         assert dyn["steps"] == steps and len(dyn["stability"]) == len(steps) - 1
         assert "stability" in done.stdout and "recommend" in done.stdout
-        assert len(embedded_images(out / "report.html")) == 5  # deciles, heatmap, ranks, spread, stability
+        assert len(embedded_images(out / "report.html")) == 6  # deciles, energy, heatmap, ranks, spread, stability

@@ -124,7 +124,7 @@ def test_identical_runs_tie(two_runs):
         assert test[metric]["p_value"] >= 0.05 and test[metric]["more_even"] is None
     verdict = result["verdict"]
     assert verdict["tie"] and verdict["most_even"] is None and not verdict["significant"]
-    assert "equally" in verdict["sentence"]
+    assert "same median" in verdict["per_rank_sentence"] and verdict["spectral"]["tie"]
 
 
 def test_sweep_overlay_and_lines(two_runs):
@@ -143,7 +143,8 @@ def test_sweep_overlay_and_lines(two_runs):
     assert steep_most["drop"][2] == pytest.approx(0.8 * 0.2)
     lines = compare_lines(result)
     assert sum(line.lstrip().startswith("run ") for line in lines) == 2
-    assert sum(line.lstrip().startswith("test ") for line in lines) == 2
+    # Two per-rank and three spectral measures for the one pair.
+    assert sum(line.lstrip().startswith("test ") for line in lines) == 5
     assert sum(line.lstrip().startswith("sweep ") for line in lines) == 2
     assert lines[-1].lstrip().startswith("verdict") and "p = " in lines[-1]
     # One run with a sweep is no overlay.
@@ -154,12 +155,13 @@ def test_plots_are_png(two_runs, tmp_path):
     (even_doc, even_sweep), (steep_doc, steep_sweep) = two_runs["loaded"]["even"], two_runs["loaded"]["steep"]
     result = compare([even_doc, steep_doc], labels=["even", "steep"], sweeps=[even_sweep, steep_sweep])
     paths = plot_compare(result, tmp_path / "plots")
-    assert [p.name for p in paths] == ["compare_deciles.png", "compare_spread.png", "compare_sweeps.png"]
+    assert [p.name for p in paths] == ["compare_deciles.png", "compare_energy.png", "compare_spread.png",
+                                        "compare_sweeps.png"]
     for path in paths:
         data = path.read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC)
     no_sweeps = plot_compare(compare([even_doc, steep_doc]), tmp_path / "bare")
-    assert [p.name for p in no_sweeps] == ["compare_deciles.png", "compare_spread.png"]
+    assert [p.name for p in no_sweeps] == ["compare_deciles.png", "compare_energy.png", "compare_spread.png"]
 
 
 def test_analysis_json_input_and_bad_input(two_runs, tmp_path):
@@ -184,4 +186,4 @@ def test_real_roberta_checkpoints_compare(tmp_path):
     assert all(r["modules"] == 12 and r["ranks"] == [2] for r in result["runs"])
     assert 0 <= result["tests"][0]["effective_rank_ratio"]["p_value"] <= 1
     assert result["sweeps"] is None and compare_lines(result)[-1].lstrip().startswith("verdict")
-    assert len(plot_compare(result, tmp_path)) == 2
+    assert len(plot_compare(result, tmp_path)) == 3  # deciles, energy, spread

@@ -19,8 +19,14 @@ def test_demo_runs_both_methods_and_writes_the_reports(tmp_path):
     lines = done.stdout.splitlines()
     assert any(line.startswith("LoRA ") and "held-out accuracy" in line for line in lines)
     assert any(line.startswith("BeamLoRA ") and "held-out accuracy" in line for line in lines)
+    # Both views for both runs, and the resized adapters with their accuracy before and after.
+    assert sum(line.strip().startswith("per-rank") for line in lines) == 2
+    assert sum(line.strip().startswith("spectral  k95 / r") for line in lines) == 2
+    assert sum("resized to 95% energy" in line and "accuracy" in line for line in lines) == 2
     for method in ("lora", "beamlora"):
         assert (tmp_path / method / "report" / "report.html").is_file()
+        assert (tmp_path / method / "resized-95" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / method / "sweep" / "compression.png").is_file()
         assert json.loads((tmp_path / method / "sweep" / "sweep.json").read_text())["schema"] == "rankscope/sweep-v1"
     assert len(list((tmp_path / "beamlora").glob("step-*"))) == 9  # snapshots every 4 of 36 steps
     compare = json.loads((tmp_path / "compare" / "compare.json").read_text())

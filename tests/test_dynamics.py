@@ -234,14 +234,31 @@ def test_later_stabilisation_gives_a_later_first_operation():
     assert late["schedule"][0]["step"] == 1500
     # Same run read as the head of a long run of the same length: no scaling.
     same = recommend(document(settling_importances(500, seed=5)), total_steps=1000, scale_stabilisation=False)
-    assert same["end_step"] == 667 and same["delta_t"] == 500
+    assert same["end_step"] == 666 and same["delta_t"] == 500  # ⌊⅔ · 1000⌋, as the trainer floors it
     # Early stabilisation: the "five operations before end_step" rule decides (4000 / 6).
     very_early = recommend(document(settling_importances(100, seed=5)), total_steps=6000)
     assert very_early["delta_t"] == 667 and very_early["operations"] == 5
     assert [op["step"] for op in very_early["schedule"]] == [667, 1334, 2001, 2668, 3335]
     for rec in (early, late, same, very_early):
-        assert rec["reasons"] and rec["delta_t"] >= 1
+        assert rec["reasons"] and rec["delta_t"] >= 2
         json.loads(to_json(rec))
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 7, 10, 11, 100, 1000, 1001, 2999, 6000])
+def test_recommended_delta_t_is_one_the_trainer_accepts_on_the_trainers_schedule(total_steps):
+    from beamlora import BeamLoraConfig
+
+    rec = recommend(document(settling_importances(100, seed=5)), total_steps=total_steps)
+    end_step = 2 * total_steps // 3  # the trainer floors
+    config = BeamLoraConfig(p_init=rec["p_init"], delta_t=rec["delta_t"], total_steps=total_steps)  # no error
+    assert rec["end_step"] == end_step == config.resolved_end_step and rec["delta_t"] >= 2
+    d = rec["delta_t"]
+    ops = [t for t in range(1, total_steps + 1) if t % d == 0 and t < end_step and t + d <= total_steps]
+    assert rec["operations"] == len(ops) and [op["step"] for op in rec["schedule"]] == ops
+    if not ops:
+        assert any("no operation fits" in w for w in rec["warnings"])
+    if total_steps == 3:
+        assert d == 2 and ops == []
 
 
 def test_schedule_follows_the_cosine_threshold():

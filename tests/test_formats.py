@@ -37,6 +37,27 @@ def full_spectrum(delta: np.ndarray, r: int) -> np.ndarray:
     return np.pad(s, (0, max(0, r - s.size)))[:r]
 
 
+def slow_energy_rank(singular_values: np.ndarray, share: float) -> int:
+    """Smallest k with σ_1² + … + σ_k² ≥ share · Σσ², by walking k up from 0."""
+    energy = np.asarray(singular_values, np.float64) ** 2
+    if energy.sum() == 0:
+        return 0
+    for k in range(1, energy.size + 1):
+        if energy[:k].sum() >= share * energy.sum() * (1 - 1e-12):
+            return k
+    return energy.size
+
+
+def check_spectral_fields(entry: dict, delta: np.ndarray, spectrum_of: str = "scale·B·A") -> None:
+    """energy_rank, stable_rank and spectral_effective_rank against a dense float64 SVD of the whole update."""
+    s = np.linalg.svd(np.asarray(delta, np.float64), compute_uv=False)
+    assert entry["energy_rank"] == {key: slow_energy_rank(s, float(key)) for key in ("0.9", "0.95", "0.99")}
+    assert entry["stable_rank"] == pytest.approx((s ** 2).sum() / s[0] ** 2, rel=1e-6)
+    p = s[s > 1e-12 * s[0]] / s.sum()
+    assert entry["spectral_effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert entry["spectrum_of"].startswith(spectrum_of)
+
+
 def tiny_bert(**overrides):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -81,6 +102,9 @@ def check_against_peft(model, checkpoint, coefficient_of=None) -> None:
             rebuilt = rebuilt.T  # GPT-2 Conv1D and embeddings store ΔW transposed
         np.testing.assert_allclose(rebuilt, delta, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(entry["spectrum"], full_spectrum(delta, module.rank), rtol=1e-5, atol=1e-7)
+        meaning = {"conv": "scale·B·A with A flattened"}.get(module.layer_type, "scale·B·A")
+        # The float64 product (checked against PEFT's float32 delta just above): no float32 noise directions.
+        check_spectral_fields(entry, rebuilt, "scale·B·diag(E)·A" if module.E is not None else meaning)
 
 
 def test_peft_adapter_from_real_peft_matches_get_delta_weight(tmp_path):
@@ -176,8 +200,11 @@ def test_gpt2_conv1d_embedding_and_dora(tmp_path):
     checkpoint = rankscope.load(tmp_path / "dora")
     assert all(m.dora for m in checkpoint.modules)
     assert any("DoRA" in note for note in checkpoint.notes)
-    for module in checkpoint.modules:  # importances are those of B A, as the note says
-        np.testing.assert_allclose(analyze_module(module)["importance"], per_rank_frobenius(module.A, module.B, 1.0), rtol=RTOL)
+    for module in checkpoint.modules:  # importances and spectra are those of B A, as the note says
+        entry = analyze_module(module)
+        np.testing.assert_allclose(entry["importance"], per_rank_frobenius(module.A, module.B, 1.0), rtol=RTOL)
+        delta = np.asarray(module.B, np.float64) @ np.asarray(module.A, np.float64)
+        check_spectral_fields(entry, delta, "scale·B·A, the low-rank part only: DoRA")
 
 
 def test_conv_lora_is_flattened(tmp_path):
@@ -223,7 +250,9 @@ def test_beamlora_gates_stored_beside_A_multiply_the_importance(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_beamlora": True}))
     (module,) = rankscope.load(tmp_path).modules
     w = 4 * np.exp(gate / 0.05) / np.exp(gate / 0.05).sum()
-    np.testing.assert_allclose(analyze_module(module)["importance"], per_rank_frobenius(A, B, 2.0, w), rtol=RTOL)
+    entry = analyze_module(module)
+    np.testing.assert_allclose(entry["importance"], per_rank_frobenius(A, B, 2.0, w), rtol=RTOL)
+    check_spectral_fields(entry, 2.0 * B @ np.diag(w) @ A, "scale·B·diag(w)·A")
 
 
 def _random_pair(rng, r, n_in, n_out):
@@ -232,7 +261,7 @@ def _random_pair(rng, r, n_in, n_out):
 
 def test_kohya_with_alpha_conv_and_text_encoder(tmp_path):
     rng = np.random.default_rng(1)
-    tensors, expected = {}, {}
+    tensors, expected, deltas = {}, {}, {}
     for name, (r, n_in, n_out, alpha) in {
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (4, 16, 16, 2.0),
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (8, 12, 12, 0.0),  # alpha 0 means r: scale 1
@@ -240,16 +269,20 @@ def test_kohya_with_alpha_conv_and_text_encoder(tmp_path):
         A, B = _random_pair(rng, r, n_in, n_out)
         tensors.update({f"{name}.lora_down.weight": A, f"{name}.lora_up.weight": B, f"{name}.alpha": np.array(alpha, np.float32)})
         expected[name] = per_rank_frobenius(A, B, alpha / r if alpha else 1.0)
+        deltas[name] = (alpha / r if alpha else 1.0) * B.astype(np.float64) @ A
     conv = "lora_unet_conv_in"
     down, up = rng.normal(size=(4, 3, 3, 3)).astype(np.float32), rng.normal(size=(5, 4, 1, 1)).astype(np.float32)
     tensors.update({f"{conv}.lora_down.weight": down, f"{conv}.lora_up.weight": up})  # no alpha: scale 1
     expected[conv] = per_rank_frobenius(down.reshape(4, -1), up.reshape(5, 4), 1.0)
+    deltas[conv] = up.reshape(5, 4).astype(np.float64) @ down.reshape(4, -1)
     save_numpy(tensors, tmp_path / "my_lora.safetensors", metadata={"ss_network_dim": "4"})
     checkpoint = rankscope.load(tmp_path / "my_lora.safetensors")
     assert checkpoint.format == "kohya"
     assert {m.name for m in checkpoint.modules} == set(expected)
     for module in checkpoint.modules:
-        np.testing.assert_allclose(analyze_module(module)["importance"], expected[module.name], rtol=RTOL)
+        entry = analyze_module(module)
+        np.testing.assert_allclose(entry["importance"], expected[module.name], rtol=RTOL)
+        check_spectral_fields(entry, deltas[module.name], "scale·B·A with A flattened" if module.name == conv else "scale·B·A")
 
 
 def test_diffusers_peft_backend_and_legacy(tmp_path):
@@ -263,7 +296,9 @@ def test_diffusers_peft_backend_and_legacy(tmp_path):
                tmp_path / "pytorch_lora_weights.safetensors")
     checkpoint = rankscope.load(tmp_path)
     assert checkpoint.format == "diffusers-peft" and len(checkpoint.modules) == 2
-    np.testing.assert_allclose(analyze_module(checkpoint.modules[1])["importance"], per_rank_frobenius(A, B, 1.0), rtol=RTOL)
+    entry = analyze_module(checkpoint.modules[1])
+    np.testing.assert_allclose(entry["importance"], per_rank_frobenius(A, B, 1.0), rtol=RTOL)
+    check_spectral_fields(entry, B.astype(np.float64) @ A)
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
@@ -276,7 +311,9 @@ def test_diffusers_peft_backend_and_legacy(tmp_path):
     assert checkpoint.format == "diffusers-legacy"
     by_name = {m.name: m for m in checkpoint.modules}
     module = by_name["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q"]
-    np.testing.assert_allclose(analyze_module(module)["importance"], per_rank_frobenius(A, B, 1.0), rtol=RTOL)
+    entry = analyze_module(module)
+    np.testing.assert_allclose(entry["importance"], per_rank_frobenius(A, B, 1.0), rtol=RTOL)
+    check_spectral_fields(entry, B.astype(np.float64) @ A)
 
 
 def test_mlx_is_transposed_and_scaled_by_its_config(tmp_path):
@@ -289,6 +326,7 @@ def test_mlx_is_transposed_and_scaled_by_its_config(tmp_path):
     assert (module.rank, module.in_features, module.out_features, module.scale) == (8, 30, 20, 20.0)
     np.testing.assert_allclose(analyze_module(module)["importance"], per_rank_frobenius(A, B, 20.0), rtol=RTOL)
     np.testing.assert_allclose(analyze_module(module)["spectrum"], full_spectrum(20.0 * B.astype(np.float64) @ A, 8), rtol=1e-9)
+    check_spectral_fields(analyze_module(module), 20.0 * B.astype(np.float64) @ A)
 
 
 def test_torchtune_adapter(tmp_path):
@@ -297,15 +335,17 @@ def test_torchtune_adapter(tmp_path):
     for name in ("layers.0.attn.q_proj", "layers.0.mlp.w1", "layers.1.attn.v_proj"):
         A, B = _random_pair(rng, 8, 16, 24)
         tensors.update({f"{name}.lora_a.weight": torch.from_numpy(A).bfloat16(), f"{name}.lora_b.weight": torch.from_numpy(B).bfloat16()})
-        expected[name] = per_rank_frobenius(torch.from_numpy(A).bfloat16().double().numpy(),
-                                            torch.from_numpy(B).bfloat16().double().numpy(), 16 / 8)
+        A64, B64 = torch.from_numpy(A).bfloat16().double().numpy(), torch.from_numpy(B).bfloat16().double().numpy()
+        expected[name] = (per_rank_frobenius(A64, B64, 16 / 8), 2.0 * B64 @ A64)
     torch.save(tensors, tmp_path / "adapter_model.pt")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "w1"], "peft_type": "LORA"}))
     checkpoint = rankscope.load(tmp_path)
     assert checkpoint.format == "torchtune" and len(checkpoint.modules) == 3
     for module in checkpoint.modules:
         assert module.stored_dtype == "BF16"
-        np.testing.assert_allclose(analyze_module(module)["importance"], expected[module.name], rtol=RTOL)
+        entry = analyze_module(module)
+        np.testing.assert_allclose(entry["importance"], expected[module.name][0], rtol=RTOL)
+        check_spectral_fields(entry, expected[module.name][1])
     assert {m.kind for m in checkpoint.modules} == {"attn.q_proj", "mlp.w1", "attn.v_proj"}
 
 

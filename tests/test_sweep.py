@@ -14,7 +14,8 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 import rankscope
 from rankscope import RankscopeError
-from rankscope.sweeps import drop_count, lora_layers, ranks_to_drop, resolve_adapter, sweep, truncated_factors
+from rankscope.importance import truncated_factors
+from rankscope.sweeps import drop_count, lora_layers, ranks_to_drop, resolve_adapter, sweep
 
 R = 8
 STRONG = 4  # ranks per module that carry the update; the other R - STRONG are negligible
@@ -95,21 +96,21 @@ def test_ranks_to_drop_counts_orders_and_nesting():
 
 
 def test_truncated_factors_match_float64_svd_of_the_explicit_update():
-    gen = torch.Generator().manual_seed(0)
-    A, B = torch.randn(R, 40, generator=gen), torch.randn(24, R, generator=gen)
-    full = (B.double() @ A.double()).numpy()
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(R, 40)).astype(np.float32), rng.normal(size=(24, R)).astype(np.float32)
+    full = B.astype(np.float64) @ A
     u, s, vt = np.linalg.svd(full)
     for keep in range(R + 1):
-        A2, B2 = truncated_factors(A, B, keep)
-        assert A2.shape == A.shape and B2.shape == B.shape
-        assert not A2[keep:].any() and not B2[:, keep:].any()  # kept directions in the first slots, the rest zero
+        A2, B2, sigma = truncated_factors(A, B, keep)
+        assert A2.shape == (keep, 40) and B2.shape == (24, keep)
+        np.testing.assert_allclose(sigma, s[:R], rtol=1e-10)
         best = (u[:, :keep] * s[:keep]) @ vt[:keep]  # Eckart-Young: the best rank-keep approximation
-        np.testing.assert_allclose((B2 @ A2).numpy(), best, atol=1e-10 * s[0])
-        got = np.linalg.svd((B2 @ A2).numpy(), compute_uv=False)
-        np.testing.assert_allclose(got[:keep], s[:keep], rtol=1e-10)
-        assert np.all(got[keep:] < 1e-10 * s[0])
-    A2, B2 = truncated_factors(A, B, R)
-    np.testing.assert_allclose((B2 @ A2).numpy(), full, atol=1e-10 * s[0])  # fraction 0 reproduces the update
+        np.testing.assert_allclose(B2 @ A2, best, atol=1e-10 * s[0])
+        # The singular values are split evenly: both factors of direction i have norm √σ_i.
+        np.testing.assert_allclose(np.linalg.norm(B2, axis=0), np.sqrt(s[:keep]), rtol=1e-10)
+        np.testing.assert_allclose(np.linalg.norm(A2, axis=1), np.sqrt(s[:keep]), rtol=1e-10)
+    A2, B2, _ = truncated_factors(A, B, R)
+    np.testing.assert_allclose(B2 @ A2, full, atol=1e-10 * s[0])  # keeping all r directions reproduces the update
 
 
 # ----------------------------------------------------------------------------- sweeps on a tiny BERT
@@ -161,7 +162,7 @@ def test_least_important_ranks_are_the_constructed_weak_ones(graded):
         seen.append(alive)
         return 0.0
 
-    sweep(model, adapter, record, fractions=[0.5], orders=["least", "most"], spectral=False, progress=False)
+    sweep(model, adapter, record, fractions=[0.5], orders=["least", "most"], spectral=False, progress=False, energies=())
     _, least_half, most_half, _ = seen  # baseline, least 50%, most 50%, the final check
     assert least_half == strong  # the weak half was zeroed, the strong half survives in every module
     assert all(most_half[name] == set(range(R)) - strong[name] for name in strong)
@@ -194,9 +195,44 @@ def test_spectral_points_keep_exactly_r_minus_k_directions_in_place(graded):
         return float(min(ranks))
 
     fractions = (0, 0.125, 0.25, 0.5, 0.625, 1.0)
-    result = sweep(model, adapter, update_rank, fractions=fractions, orders=[], progress=False)
+    result = sweep(model, adapter, update_rank, fractions=fractions, orders=[], progress=False, energies=())
     assert [p.order for p in result.points] == ["spectral"] * len(fractions)
     assert [p.value for p in result.points] == [R - drop_count(R, f) for f in fractions]
+
+
+def test_compression_view_keeps_each_modules_energy_rank(graded, tmp_path):
+    """Energy points keep, in every module, the fewest directions holding f of its energy (from a dense SVD),
+    and report the share of LoRA parameters those directions need; the evaluation sees exactly that."""
+    model, _, adapter = graded
+    layers = lora_layers(model)
+    full = sum(layer.rank * (layer.A.shape[1] + layer.B.shape[0]) for layer in layers)
+
+    def live_params(m) -> float:  # what the masked model really holds, counted from its weights
+        total = 0
+        for layer in lora_layers(m):
+            s = np.linalg.svd((layer.B.double() @ layer.A.double()).numpy(), compute_uv=False)
+            total += int((s > 1e-9 * max(s[0], 1e-300)).sum()) * (layer.A.shape[1] + layer.B.shape[0])
+        return total / full
+
+    energies = (0.5, 0.9, 0.99)
+    result = sweep(model, adapter, live_params, fractions=(0, 0.5), orders=["least"], spectral=False, progress=False,
+                   energies=energies)
+    points = [p for p in result.points if p.order == "energy"]
+    assert [p.energy for p in points] == list(energies)
+    for p in points:
+        expected = 0
+        for layer in layers:
+            s = np.linalg.svd((layer.B.double() @ layer.A.double()).numpy(), compute_uv=False)[:layer.rank]
+            e = s ** 2
+            k = next(k for k in range(1, e.size + 1) if e[:k].sum() >= p.energy * e.sum() * (1 - 1e-12))
+            expected += k * (layer.A.shape[1] + layer.B.shape[0])
+        assert p.params_kept == pytest.approx(expected / full) and p.value == pytest.approx(p.params_kept)
+    least = {p.fraction: p for p in result.points if p.order == "least"}
+    assert least[0.5].params_kept == pytest.approx(0.5) and least[0].params_kept == 1.0
+    paths = result.save(tmp_path / "out")
+    assert [q.name for q in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png"]
+    assert "params_kept,energy" in (tmp_path / "out" / "sweep.csv").read_text().splitlines()[0]
+    assert "95%" not in result.summary_line() and "0.99" not in result.summary_line()  # only 95% is summarised
 
 
 def test_importance_from_the_model_itself_matches_the_checkpoint(graded):
@@ -294,18 +330,20 @@ def test_outputs_json_csv_plot_and_summary(graded, tmp_path):
     model, _, adapter = graded
     result = sweep(model, adapter, neg_mse_to(model), fractions=FRACTIONS, seeds=2, progress=False)
     paths = result.save(tmp_path / "out")
-    assert [p.name for p in paths] == ["sweep.json", "sweep.csv", "sweep.png"]
+    assert [p.name for p in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png"]
     document = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert document["schema"] == "rankscope/sweep-v1" and document["metric"] == "neg_mse"
     assert document["baseline"] == result.baseline
-    assert {p["order"] for p in document["points"]} == {"least", "most", "random", "spectral"}
-    assert all(set(p) == {"order", "fraction", "seed", "value"} for p in document["points"])
+    assert {p["order"] for p in document["points"]} == {"least", "most", "random", "spectral", "energy"}
+    assert all(set(p) == {"order", "fraction", "seed", "value", "params_kept", "energy"} for p in document["points"])
+    assert sorted(p["energy"] for p in document["points"] if p["order"] == "energy") == [0.8, 0.9, 0.95, 0.99]
     rows = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
-    assert rows[0] == "order,fraction,seed,value" and len(rows) == 1 + len(document["points"])
-    assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert rows[0] == "order,fraction,seed,value,params_kept,energy" and len(rows) == 1 + len(document["points"])
+    for name in ("sweep.png", "compression.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     line = result.summary_line()
     assert line.startswith("pruning the least important 50% of ranks costs ") and "; the most important 25% costs" in line
-    assert "\n" not in line
+    assert "; keeping 95% of each module's energy (" in line and "\n" not in line
 
 
 def test_summary_in_accuracy_points():
