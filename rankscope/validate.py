@@ -326,11 +326,29 @@ _BAND = obj(required={"median": _maybe_number, "q25": _maybe_number, "q75": _may
 _DECILE_BAND = obj(required={key: list_of(_maybe_number, length=DECILES) for key in ("median", "q25", "q75")})
 _GROUP = mapping(obj(required={"modules": integer(minimum=0), "deciles": _DECILE_BAND},
                      optional={"top10_share": _maybe_number, "effective_rank_ratio": _maybe_number}))
+_CURVE_BAND = obj(required={key: list_of(_maybe_number) for key in ("median", "q25", "q75")},
+                  optional={"k_over_r": list_of(number())})
+_ENERGY_LEVELS = ("0.9", "0.95", "0.99")  # the energy ranks k90, k95, k99 of the spectral view
+_SPECTRAL_SUMMARY = {  # present, with these types, where the summary counts spectral modules
+    "zero_modules": integer(minimum=0), "full_rank_modules": integer(minimum=0),
+    "energy_ranks": obj(required={level: _BAND for level in _ENERGY_LEVELS}), "stable_rank": _BAND,
+    "energy_rank_ratio": _BAND, "stable_rank_ratio": _BAND, "spectral_effective_rank_ratio": _BAND,
+    "energy_curve": _CURVE_BAND,
+}
+
+
+def _spectral_summary(summary: dict, field: str) -> None:
+    if summary.get("spectral_modules"):
+        obj(required=_SPECTRAL_SUMMARY)(summary, field)
+
+
 _SUMMARY = obj(
     required={"modules": integer(minimum=0), "ranks": list_of(integer(minimum=1)), "scales": list_of(_maybe_number),
               "total_ranks": integer(minimum=0), "top10_share": _BAND, "top10_share_uniform": _maybe_number,
               "effective_rank_ratio": _BAND, "gini": _BAND, "deciles": _DECILE_BAND, "errors": list_of(string())},
-    optional={"by_layer": _GROUP, "by_kind": _GROUP},
+    optional={"by_layer": _GROUP, "by_kind": _GROUP, "spectral_modules": integer(minimum=0),
+              "verdict": nullable(obj(required={"sentence": string()}))},
+    extra=_spectral_summary,
 )
 
 
@@ -349,12 +367,19 @@ def _module_fields_agree(module: dict, field: str) -> None:
     if module["top10_share"] is not None and (module["effective_rank"] is None or module["gini"] is None):
         bad = "effective_rank" if module["effective_rank"] is None else "gini"
         raise _Invalid(_join(field, bad), None, "a number where top10_share is one")
+    if module.get("energy_rank") is not None:  # the spectral view: its energy ranks come from the spectrum
+        if "spectrum" not in module:
+            raise _Invalid(_join(field, "spectrum"), _MISSING, "present")
+        list_of(_maybe_number, length=module["rank"])(module["spectrum"], _join(field, "spectrum"))
 
 
 _MODULE = obj(
     required={"name": string(), "rank": integer(minimum=1), "scale": number(finite=False),
               "importance": nullable(list_of(_maybe_number)), "layer": string(), "kind": string()},
     optional={"shape": list_of(integer(minimum=0), length=2), "spectrum": nullable(list_of(_maybe_number)),
+              "energy_rank": nullable(obj(required={_ENERGY_LEVELS[1]: nullable(integer(minimum=0))},
+                                          optional={level: nullable(integer(minimum=0)) for level in _ENERGY_LEVELS})),
+              "stable_rank": _maybe_number, "spectral_effective_rank": _maybe_number,
               "scores": list_of(_maybe_number), "adalora_E": list_of(_maybe_number), "error": string(),
               "layer_type": string(), "dtype": string()},
     extra=_module_fields_agree,
