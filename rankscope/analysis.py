@@ -18,6 +18,7 @@ import numpy as np
 from . import importance as imp
 from .formats import LoraModule
 from .loading import Checkpoint, Series, SnapshotRef, discover
+from .validate import check_analysis
 
 SCHEMA = "rankscope/analysis-v1"
 TOP_FRACTION = 0.1
@@ -249,12 +250,12 @@ def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool =
 def load_document(path: str | os.PathLike) -> dict[str, Any]:
     """Read an analysis document written by ``rankscope analyze --json``."""
     from .errors import RankscopeError
-    from .report import read_json
+    from .validate import read_json
 
     document = read_json(path, "an analysis JSON")
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise RankscopeError(f"{path} is not a rankscope analysis: expected \"schema\": \"{SCHEMA}\"")
-    return document
+    return check_analysis(document, path)
 
 
 def analyze_or_read(path: str | os.PathLike, format: str | None = None, progress: bool | None = None,

@@ -25,7 +25,8 @@ import numpy as np
 from .analysis import SPECTRAL_RATIOS, spectral_ratios
 from .errors import RankscopeError
 from .importance import ENERGY_GRID, band, curve_band, decile_band, energy_curve
-from .report import SWEEP_SCHEMA, read_json
+from .report import SWEEP_SCHEMA
+from .validate import check_sweep, read_json
 
 SCHEMA = "rankscope/compare-v1"
 ANALYSIS_SCHEMA = "rankscope/analysis-v1"
@@ -307,7 +308,7 @@ def find_sweep(path: str | os.PathLike) -> Path | None:
 
 
 def read_sweep(path: str | os.PathLike) -> dict[str, Any]:
-    return _check_sweep(read_json(path, "a sweep JSON"), str(path))
+    return check_sweep(_check_sweep(read_json(path, "a sweep JSON"), str(path)), path)
 
 
 def load_run_for_compare(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -9,7 +9,6 @@ and counted, never paired.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -20,6 +19,7 @@ import numpy as np
 
 from .errors import RankscopeError
 from .tensors import TensorFile
+from .validate import check_adapter_config, check_temperature, describe, is_number, parse_json
 
 FORMATS = ("peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune")
 
@@ -41,6 +41,7 @@ _PART_ROLES = {
 }
 _DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
 _LAST_INTEGER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha when a config leaves it out
 
 
 @dataclass
@@ -154,7 +155,11 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 def _peft_scale(config: dict, module_name: str, rank: int, notes: set[str]) -> float:
     bare = module_name.split("[", 1)[0].removeprefix("base_model.model.")
     r = _pattern_value(config.get("rank_pattern") or {}, bare, config.get("r", rank))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, bare, config.get("lora_alpha", r))
+    if "r" not in config:
+        notes.add("adapter_config.json has no \"r\": each module's rank is read from its tensors")
+    if "lora_alpha" not in config:
+        notes.add(f"adapter_config.json has no \"lora_alpha\": PEFT's default {PEFT_DEFAULT_ALPHA} is used")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, bare, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if isinstance(r, int) and r != rank:
         notes.add(f"adapter_config.json gives rank {r} for some modules whose tensors have rank {rank}; the tensors' rank is used")
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -170,8 +175,16 @@ def _oriented(tf: TensorFile, key: str, transpose: bool, flatten: bool) -> Calla
     return read
 
 
-def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = None) -> ParsedCheckpoint:
-    """Find every LoRA module in ``tf``. ``config`` is the adapter_config.json beside it, if any."""
+def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = None,
+                     config_path: str | None = None) -> ParsedCheckpoint:
+    """Find every LoRA module in ``tf``. ``config`` is the adapter_config.json beside it (read from
+    ``config_path``), if any; its fields are checked here, so a bad one is reported, not guessed around.
+
+    Modules of rank 0 (empty A and B) are skipped with a note: they hold no update to analyse.
+    """
+    config_source = config_path or f"the adapter_config.json beside {tf.path}"
+    if config is not None:
+        check_adapter_config(config, config_source)
     keys = list(tf)
     fmt = format or detect_format(keys, config)
     if fmt == "unknown":
@@ -187,16 +200,17 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         "peft": _PEFT_KEY, "diffusers-peft": _PEFT_KEY, "kohya": _KOHYA_KEY,
         "diffusers-legacy": _DIFFUSERS_LEGACY_KEY, "mlx": _MLX_KEY, "torchtune": _TORCHTUNE_KEY,
     }[fmt]
+    has_config = config is not None
     config = config or {}
     adalora = config.get("peft_type") == "ADALORA" or any(k.endswith("lora_E") or ".lora_E." in k for k in keys)
     groups = _match_keys(keys, pattern)
     notes: set[str] = set()
     modules: list[LoraModule] = []
     claimed: set[str] = set()
+    empty: list[str] = []
     for name, parts in groups.items():
         if "A" not in parts or "B" not in parts:
             continue  # an orphan; counted with the skipped tensors below
-        claimed.update(parts.values())
         a_shape, b_shape = tf.shape(parts["A"]), tf.shape(parts["B"])
         transpose = fmt == "mlx"
         if transpose:  # mlx-lm: lora_a (in, r), lora_b (r, out)
@@ -214,6 +228,10 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
                 )
             rank, out_features = a_shape[0], b_shape[0]
             in_features = int(np.prod(a_shape[1:]))
+        if rank == 0:
+            empty.append(name)  # its tensors stay unclaimed: counted with the skipped ones
+            continue
+        claimed.update(parts.values())
         layer_type = "conv" if len(a_shape) > 2 else "embedding" if "lora_embedding_A" in parts["A"] else "linear"
         module = LoraModule(
             name=name, rank=rank, scale=1.0, in_features=in_features, out_features=out_features,
@@ -226,16 +244,22 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         if module.dora:
             notes.add("DoRA adapter: its update also rescales each output by a learned magnitude, "
                       "so ΔW is not B A alone; rankscope reports the importances of B A")
-        module.scale = _module_scale(fmt, tf, parts, config, name, rank, adalora, notes)
+        module.scale = _module_scale(fmt, tf, parts, config, has_config, name, rank, adalora, notes)
         if "E" in parts:
-            module.E = np.asarray(tf[parts["E"]], dtype=np.float64).reshape(-1)
+            module.E = per_rank_vector(tf, parts["E"], rank, name, "AdaLoRA's singular values lora_E")
         if "gate" in parts:
-            gate = np.asarray(tf[parts["gate"]], dtype=np.float64).reshape(-1)
-            temperature = float(config.get("beamlora_temperature", config.get("temperature", 0.05)))
+            gate = per_rank_vector(tf, parts["gate"], rank, name, "BeamLoRA's gates lora_gate")
+            temperature = check_temperature(config, config_source)
             z = gate / temperature
             module.rank_weights = rank * np.exp(z - z.max()) / np.exp(z - z.max()).sum()
             notes.add(f"BeamLoRA gates stored beside A: w = r·softmax(gate/T) with T = {temperature} multiplies each rank")
         modules.append(module)
+    if empty:
+        notes.add(f"{len(empty)} module(s) have rank 0 (empty A and B, no update) and are skipped: "
+                  + ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else ""))
+    if not modules and empty:
+        raise RankscopeError(f"{tf.path}: every LoRA module has rank 0 ({len(empty)} of them, e.g. {empty[0]!r}): "
+                             "expected A (r, in) and B (out, r) with r ≥ 1")
     if not modules:
         raise RankscopeError(
             f"{tf.path} holds {len(keys)} tensors but no complete LoRA pair for format {fmt}: "
@@ -245,20 +269,52 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
     return ParsedCheckpoint(fmt, modules, skipped, sorted(notes))
 
 
-def _module_scale(fmt: str, tf: TensorFile, parts: dict[str, str], config: dict, name: str, rank: int,
-                  adalora: bool, notes: set[str]) -> float:
+def per_rank_vector(tf: TensorFile, key: str, rank: int, module: str, what: str) -> np.ndarray:
+    """A stored vector with one value per rank (AdaLoRA's E, BeamLoRA's gate or scores), as float64."""
+    values = np.asarray(tf[key], dtype=np.float64).reshape(-1)
+    if values.size != rank:
+        tensor = f" (tensor {key!r})" if key != module else ""
+        raise RankscopeError(f"{tf.path}: {what} of module {module!r}{tensor} hold {values.size} values, "
+                             f"expected one per rank ({rank})")
+    return values
+
+
+def _kohya_alpha(tf: TensorFile, key: str) -> float:
+    alpha = np.asarray(tf[key], dtype=np.float64)
+    if alpha.size != 1:
+        raise RankscopeError(f"{tf.path}: tensor {key!r} has shape {list(alpha.shape)}, expected a single number "
+                             "(the module's alpha)")
+    return float(alpha.reshape(-1)[0])
+
+
+def _metadata_number(tf: TensorFile, key: str) -> float | None:
+    """A number stored as a string in the safetensors metadata (kohya's ss_network_alpha), or None."""
+    raw = tf.metadata.get(key)
+    if raw is None or raw.strip() in ("", "None", "null"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise RankscopeError(f"{tf.path}: metadata {key} is {describe(raw)}, expected a finite number")
+    return value
+
+
+def _module_scale(fmt: str, tf: TensorFile, parts: dict[str, str], config: dict, has_config: bool, name: str,
+                  rank: int, adalora: bool, notes: set[str]) -> float:
     """The scale of ΔW = scale · B A for one module, by the rules of its format."""
     if "alpha" in parts:  # kohya, and diffusers files converted from kohya
-        alpha = float(np.asarray(tf[parts["alpha"]], dtype=np.float64).reshape(-1)[0])
+        alpha = _kohya_alpha(tf, parts["alpha"])
         return alpha / rank if alpha else 1.0
     if adalora:
         # PEFT AdaLoRA: output * scaling / (ranknum + 1e-5), scaling = lora_alpha (or r when alpha is 0).
         alpha = config.get("lora_alpha") or rank
         return alpha / (rank + 1e-5)
-    if fmt in ("peft", "torchtune") and "r" in config:
+    if fmt in ("peft", "torchtune") and has_config:
         return _peft_scale(config, name, rank, notes)
     if fmt == "kohya":
-        alpha = float(tf.metadata.get("ss_network_alpha", 0) or 0)
+        alpha = _metadata_number(tf, "ss_network_alpha") or 0
         return alpha / rank if alpha else 1.0
     if fmt == "mlx":
         params = config.get("lora_parameters") or {}
@@ -286,14 +342,21 @@ def _diffusers_metadata_alphas(tf: TensorFile) -> dict[str, tuple[int, float]]:
     raw = tf.metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+    source = f"{tf.path} (metadata lora_adapter_metadata)"
+    meta = parse_json(raw, source, "a JSON object of LoRA configs")
+    if not isinstance(meta, dict):
+        raise RankscopeError(f"{source} is {describe(meta)}, expected a JSON object of LoRA configs")
+
+    def alpha_of(config: dict, where: str) -> float:
+        alpha = config["lora_alpha"]
+        if not (is_number(alpha) and math.isfinite(alpha)):
+            raise RankscopeError(f"{source}: {where}lora_alpha is {describe(alpha)}, expected a number")
+        return float(alpha)
+
     out = {}
     for key, value in meta.items():
         if isinstance(value, dict) and "lora_alpha" in value:
-            out[key] = (value.get("r"), float(value["lora_alpha"]))
+            out[key] = (value.get("r"), alpha_of(value, f"{key}."))
     if not out and "lora_alpha" in meta:  # a single flat config
-        return {"": (meta.get("r"), float(meta["lora_alpha"]))}
+        return {"": (meta.get("r"), alpha_of(meta, ""))}
     return out

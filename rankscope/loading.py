@@ -7,7 +7,7 @@ at a time, so memory does not grow with the number of snapshots.
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import RankscopeError
-from .formats import LoraModule, parse_checkpoint
+from .formats import LoraModule, parse_checkpoint, per_rank_vector
 from .tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
+from .validate import (ADAPTER_CONFIG, TRAINER_STATE, check_event, check_trainer_state, open_regular, parse_json,
+                       read_json as _read_json)
 
 # Weight files by the name each tool gives them, most specific first.
 _WEIGHT_NAMES = (
@@ -45,28 +47,56 @@ def step_from_name(name: str) -> int | None:
     return None
 
 
+def _hidden(path: Path) -> bool:
+    """Dot-names are temporaries (``.step-000100.x1y2.tmp`` left by a crash) or not ours: never read."""
+    return path.name.startswith(".")
+
+
 def _is_weight_file(path: Path) -> bool:
-    return (path.is_file() and path.name not in _NOT_ADAPTERS and not path.name.startswith(".")
+    return (path.is_file() and path.name not in _NOT_ADAPTERS and not _hidden(path)
             and (path.suffix == SAFETENSORS_SUFFIX or path.suffix in PICKLE_SUFFIXES))
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be opened (missing, a symlink loop or a dangling link, no permission), or None."""
+    try:
+        os.stat(path)
+        return None
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
+        return f"{path} does not exist"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop (it leads back to itself)"
+        return f"{path} could not be read ({e.strerror or e})"
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The visible entries of ``folder``, sorted; an unlistable folder is one error line."""
+    try:
+        return sorted(p for p in folder.iterdir() if not _hidden(p))
+    except OSError as e:
+        raise RankscopeError(f"{folder} could not be listed ({e.strerror or e})") from None
 
 
 def find_weight_file(folder: Path) -> Path | None:
     """The adapter weights in ``folder``: a known name, else its only tensor file."""
     for name in _WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    candidates = [p for p in sorted(folder.iterdir()) if _is_weight_file(p)]
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+        if os.path.lexists(candidate):  # the name is there but is no file: say why rather than look past it
+            problem = _unreadable(candidate) or f"{candidate} is not a file"
+            raise RankscopeError(f"{problem}: expected the adapter's weights")
+    candidates = [p for p in _entries(folder) if _is_weight_file(p)]
     return candidates[0] if len(candidates) == 1 else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RankscopeError(f"{path} is not valid JSON ({e}): expected the adapter's configuration") from None
+def _read_object(path: Path, what: str) -> dict:
+    value = _read_json(path, what)
     if not isinstance(value, dict):
-        raise RankscopeError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+        raise RankscopeError(f"{path} holds a JSON {type(value).__name__}, expected an object ({what})")
     return value
 
 
@@ -146,14 +176,16 @@ class Series:
         """BeamLoRA operations from ``events.jsonl``, if the run wrote any."""
         if self.events_path is None:
             return []
+        with open_regular(self.events_path, "BeamLoRA events, one JSON object per line") as f:
+            try:
+                lines = f.read().splitlines()
+            except OSError as e:
+                raise RankscopeError(f"{self.events_path} could not be read ({e.strerror or e})") from None
         events = []
-        with open(self.events_path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        events.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise RankscopeError(f"{self.events_path} line {number} is not JSON: expected one event per line") from None
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                source = f"{self.events_path} line {number}"
+                events.append(check_event(parse_json(line, source, "one JSON event object per line"), source))
         return events
 
     def __repr__(self) -> str:
@@ -164,34 +196,35 @@ def load_checkpoint(weights: Path, step: int | None = None, format: str | None =
     """Read one weights file, with the ``adapter_config.json`` and BeamLoRA scores beside it."""
     weights = Path(weights)
     config_path = weights.parent / "adapter_config.json"
-    config = _read_json(config_path) if config_path.is_file() else None
+    config = _read_object(config_path, ADAPTER_CONFIG) if os.path.lexists(config_path) else None
     tensors = open_tensor_file(weights)
-    parsed = parse_checkpoint(tensors, config, format)
+    parsed = parse_checkpoint(tensors, config, format, config_path=str(config_path))
     notes = list(parsed.notes)
     scores_path = weights.parent / SCORES_FILE
-    if scores_path.is_file():
+    if os.path.lexists(scores_path):
         scores = SafetensorsFile(scores_path)
         by_name = {m.name: m for m in parsed.modules}
         for name in scores:
             if name in by_name:
-                by_name[name].scores = scores[name].astype("float64").reshape(-1)
+                module = by_name[name]
+                module.scores = per_rank_vector(scores, name, module.rank, name, "the BeamLoRA scores")
         notes.append("BeamLoRA snapshot: w = r·softmax(s/T) is already folded into A; raw scores s are attached")
-    if step is None and weights.parent.joinpath("trainer_state.json").is_file():
+    if step is None and os.path.lexists(weights.parent / "trainer_state.json"):
         step = _trainer_step(weights.parent)
     return Checkpoint(weights, parsed.format, step, parsed.modules, parsed.skipped, notes, config)
 
 
 def _trainer_step(folder: Path) -> int | None:
-    state = _read_json(folder / "trainer_state.json")
-    step = state.get("global_step")
-    return int(step) if isinstance(step, (int, float)) else None
+    """``global_step`` from the folder's trainer_state.json (None when it gives none)."""
+    path = folder / "trainer_state.json"
+    return check_trainer_state(_read_object(path, TRAINER_STATE), path).get("global_step")
 
 
 def _snapshot_in_folder(folder: Path, format: str | None) -> SnapshotRef | None:
     weights = find_weight_file(folder)
     if weights is None:
         return None
-    step = _trainer_step(folder) if (folder / "trainer_state.json").is_file() else None
+    step = _trainer_step(folder) if os.path.lexists(folder / "trainer_state.json") else None
     if step is None:
         step = step_from_name(folder.name)
     return SnapshotRef(weights, step, format)
@@ -200,11 +233,12 @@ def _snapshot_in_folder(folder: Path, format: str | None) -> SnapshotRef | None:
 def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef | Series:
     """Say what ``path`` holds without reading any tensor: one checkpoint or a series of them."""
     path = Path(path)
-    if not path.exists():
-        raise RankscopeError(f"{path} does not exist: expected a LoRA checkpoint file, an adapter folder or a run folder")
-    if path.is_file():
+    problem = _unreadable(path)
+    if problem:
+        raise RankscopeError(f"{problem}: expected a LoRA checkpoint file, an adapter folder or a run folder")
+    if not path.is_dir():
         return SnapshotRef(path, step_from_name(path.name), format)
-    entries = sorted(path.iterdir())
+    entries = _entries(path)
     stepped_dirs = [(step_from_name(p.name), p) for p in entries if p.is_dir() and step_from_name(p.name) is not None]
     snapshots = [ref for _, p in stepped_dirs if (ref := _snapshot_in_folder(p, format)) is not None]
     final = _snapshot_in_folder(path, format)
@@ -224,14 +258,17 @@ def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef 
     if snapshots:
         snapshots.sort(key=lambda ref: (ref.step is None, ref.step or 0))
         events = path / "events.jsonl"
-        return Series(path, layout, snapshots, final, events if events.is_file() else None)
+        return Series(path, layout, snapshots, final, events if os.path.lexists(events) else None)
     if final is not None:
         return final
     inner = [p for p in entries if p.is_dir() and find_weight_file(p) is not None]
     if len(inner) == 1:
         return _snapshot_in_folder(inner[0], format)
     if not entries:
-        raise RankscopeError(f"{path} is an empty folder: expected a LoRA checkpoint (adapter_model.safetensors, ...) or checkpoint-N/ folders")
+        hidden = sum(1 for _ in path.iterdir())
+        what = (f"holds nothing but hidden entries ({hidden}; temporaries of an interrupted write?)" if hidden
+                else "is an empty folder")
+        raise RankscopeError(f"{path} {what}: expected a LoRA checkpoint (adapter_model.safetensors, ...) or checkpoint-N/ folders")
     listed = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
     raise RankscopeError(
         f"{path} holds no LoRA checkpoint ({listed}): expected adapter_model.safetensors / .bin (PEFT), "

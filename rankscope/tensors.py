@@ -12,6 +12,7 @@ code inside a pickle ever runs.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import warnings
@@ -21,9 +22,13 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from .errors import RankscopeError
+from .validate import describe, is_int, open_regular
 
 # dtype name in the safetensors header -> (numpy dtype, bytes per element); BF16 stays raw.
 _SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "U64": (np.dtype("<u8"), 8),
+    "U32": (np.dtype("<u4"), 4),
+    "U16": (np.dtype("<u2"), 2),
     "F64": (np.dtype("<f8"), 8),
     "F32": (np.dtype("<f4"), 4),
     "F16": (np.dtype("<f2"), 2),
@@ -36,6 +41,15 @@ _SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, int]] = {
     "BOOL": (np.dtype("?"), 1),
 }
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# Every dtype the safetensors format defines, in bits per element (F4 and F6 pack into bytes).
+# Tensors of those numpy cannot hold (fp8, fp4, complex) are listed and checked but never decoded.
+_DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64,
+}
+MAX_HEADER_BYTES = 100_000_000  # the official reader's limit
+_INT64_MAX, _UINT64_MAX = 2**63 - 1, 2**64 - 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -102,61 +116,163 @@ class TensorFile(Mapping[str, np.ndarray]):
         pass
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return value
+
+
+def _parse_header(raw: bytes, path: Path) -> dict:
+    """The JSON header as a dict, refusing what the official reader refuses (and duplicate names)."""
+    invalid = f"{path} is not a valid safetensors file"
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_not_a_number)
+    except UnicodeDecodeError as e:
+        raise RankscopeError(f"{invalid}: its header is not UTF-8 text (byte {e.start}), expected a JSON object") from None
+    except RecursionError:
+        raise RankscopeError(f"{invalid}: its header nests JSON too deeply to be a tensor index") from None
+    except _DuplicateKey as e:
+        raise RankscopeError(f"{invalid}: the name {str(e)!r} appears twice in its header: "
+                             "expected each tensor (and each metadata key) named once") from None
+    except ValueError as e:
+        raise RankscopeError(f"{invalid}: its {len(raw)}-byte header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise RankscopeError(f"{invalid}: its header is {describe(header)}, expected a JSON object")
+    return header
+
+
+def _not_a_number(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _byte_size(shape: list[int], bits: int) -> int | None:
+    """Bytes of a tensor, or None when the count overflows a 64-bit integer (the official reader's check)."""
+    elements = 1
+    for dim in shape:
+        elements *= dim
+        if elements > _UINT64_MAX:
+            return None
+    total_bits = elements * bits
+    return None if total_bits // 8 > _INT64_MAX else total_bits // 8 if total_bits % 8 == 0 else -1
+
+
+def _check_header(header: dict, path: Path, data_size: int
+                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, int], dict[str, str]]:
+    """Shapes, dtypes, data offsets and metadata of a parsed header, checked by the format's rules.
+
+    As the official reader: every entry has a known dtype, a shape of non-negative integers and
+    integer ``data_offsets`` spanning exactly its bytes; sorted by offset, the tensors follow one
+    another from byte 0 without gap or overlap and end exactly where the file ends. So no tensor
+    can read another's bytes, and a truncated file is told apart from a corrupt header.
+    """
+    invalid = f"{path} is not a valid safetensors file"
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise RankscopeError(f"{invalid}: __metadata__ is {describe(metadata)}, expected an object of strings to strings")
+    else:
+        for key, value in metadata.items():
+            if not isinstance(value, str):
+                raise RankscopeError(f"{invalid}: __metadata__[{key!r}] is {describe(value)}, "
+                                     "expected a string (safetensors metadata maps strings to strings)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        entry = f"{invalid}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise RankscopeError(f"{entry} is {describe(info)} without all of its fields: expected "
+                                 '{"dtype": ..., "shape": [...], "data_offsets": [begin, end]}')
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+            raise RankscopeError(f"{entry}: dtype is {describe(dtype)}, expected one of the safetensors dtypes "
+                                 f"({', '.join(_DTYPE_BITS)})")
+        if not isinstance(shape, list) or not all(is_int(d) and 0 <= d <= _UINT64_MAX for d in shape):
+            raise RankscopeError(f"{entry}: shape is {_shown(shape)}, expected a list of non-negative 64-bit integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(is_int(o) and 0 <= o <= _UINT64_MAX for o in offsets)):
+            raise RankscopeError(f"{entry}: data_offsets is {_shown(offsets)}, "
+                                 "expected two non-negative 64-bit integers [begin, end]")
+        begin, end = offsets
+        if end < begin:
+            raise RankscopeError(f"{entry}: data_offsets [{begin}, {end}] end before they begin")
+        size = _byte_size(shape, _DTYPE_BITS[dtype])
+        if size is None:
+            raise RankscopeError(f"{entry}: shape {_shown(shape)} of {dtype} is too large: its byte size overflows "
+                                 "a 64-bit integer")
+        if size < 0:
+            raise RankscopeError(f"{entry}: shape {_shown(shape)} of {dtype} does not fill a whole number of bytes")
+        if end - begin != size:
+            raise RankscopeError(f"{entry} ({dtype} {_shown(shape)}) takes {size} bytes, but its data_offsets "
+                                 f"[{begin}, {end}] span {end - begin}")
+        shapes[name], dtypes[name] = tuple(shape), dtype
+        spans.append((begin, end, name))
+    offsets_by_name: dict[str, int] = {}
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise RankscopeError(f"{invalid}: tensor {name!r} (data_offsets [{begin}, {end}]) overlaps tensor "
+                                 f"{previous!r}, which ends at byte {position}: expected each tensor's bytes "
+                                 "to begin where the previous one's end")
+        if begin > position:
+            after = f"tensor {previous!r}, which ends at byte {position}" if previous else "the start of the data"
+            raise RankscopeError(f"{invalid}: {begin - position} bytes between {after} and tensor {name!r} "
+                                 f"(data_offsets [{begin}, {end}]) belong to no tensor: expected contiguous data_offsets")
+        offsets_by_name[name] = begin
+        position, previous = end, name
+    if position > data_size:
+        raise RankscopeError(f"{path} is truncated: its tensors need {position} bytes of data "
+                             f"(up to the end of {previous!r}), but the file holds only {data_size} after its header")
+    if position < data_size:
+        raise RankscopeError(f"{invalid}: {data_size - position} bytes after the last tensor's data belong to no "
+                             "tensor: expected the data_offsets to cover the rest of the file exactly")
+    return shapes, dtypes, offsets_by_name, metadata
+
+
+def _shown(value: object) -> str:
+    """A header value as JSON, cut short: enough to see what is wrong."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = describe(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class SafetensorsFile(TensorFile):
-    """A memory-mapped safetensors file, validated against its own header."""
+    """A memory-mapped safetensors file, validated against its own header by the format's rules."""
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "a safetensors file") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(64)
             problem = _describe_non_safetensors(path, head, size)
             if problem:
                 raise RankscopeError(problem)
             header_len = int.from_bytes(head[:8], "little")
+            if header_len > MAX_HEADER_BYTES:
+                raise RankscopeError(
+                    f"{path} is not a valid safetensors file: its header length field says {header_len} bytes, "
+                    f"more than the format's limit of {MAX_HEADER_BYTES:,} (a corrupt length field, or not safetensors)"
+                )
             if header_len > size - 8 or header_len < 2:
                 raise RankscopeError(
                     f"{path} is not a valid safetensors file: its header claims {header_len} bytes "
                     f"but the file has {size - 8} after the length field (truncated or not safetensors)"
                 )
             f.seek(8)
-            raw_header = f.read(header_len)
-            try:
-                header = json.loads(raw_header)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise RankscopeError(
-                    f"{path} is not a valid safetensors file: its {header_len}-byte header is not JSON"
-                ) from None
-            if not isinstance(header, dict):
-                raise RankscopeError(f"{path} is not a valid safetensors file: its header is not a JSON object")
-            metadata = header.pop("__metadata__", None) or {}
+            header = _parse_header(f.read(header_len), path)
             data_start = 8 + header_len
-            data_size = size - data_start
-            shapes, dtypes, self._offsets = {}, {}, {}
-            for name, info in header.items():
-                try:
-                    dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-                except (KeyError, TypeError, ValueError):
-                    raise RankscopeError(
-                        f"{path} is not a valid safetensors file: tensor {name!r} has a malformed header entry"
-                    ) from None
-                if dtype not in _SAFETENSORS_DTYPES:
-                    # Tensors we cannot read (fp8, complex) are listed but never decoded.
-                    shapes[name], dtypes[name] = shape, dtype
-                    continue
-                expected = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_DTYPES[dtype][1]
-                if end - begin != expected or begin < 0:
-                    raise RankscopeError(
-                        f"{path} is corrupt: tensor {name!r} ({dtype} {list(shape)}) should take {expected} bytes, "
-                        f"its offsets give {end - begin}"
-                    )
-                if end > data_size:
-                    raise RankscopeError(
-                        f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
-                        f"which holds only {data_size} bytes"
-                    )
-                shapes[name], dtypes[name] = shape, dtype
-                self._offsets[name] = data_start + begin
+            shapes, dtypes, self._offsets, metadata = _check_header(header, path, size - data_start)
+            for name in self._offsets:
+                self._offsets[name] += data_start
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > data_start else None
         super().__init__(path, shapes, dtypes, metadata)
 
@@ -166,7 +282,7 @@ class SafetensorsFile(TensorFile):
             raise RankscopeError(f"{self.path}: tensor {name!r} has dtype {dtype_name}, which rankscope cannot read")
         np_dtype, _ = _SAFETENSORS_DTYPES[dtype_name]
         shape = self._shapes[name]
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if count == 0:
             return np.zeros(shape, dtype=np.float32 if dtype_name in _FLOAT_DTYPES else np_dtype)
         offset = self._offsets[name]
@@ -209,8 +325,8 @@ class PickleFile(TensorFile):
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "a PyTorch file") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(64)
         if head.startswith(b"version https://git-lfs") or size < 8:
             raise RankscopeError(_describe_non_safetensors(path, head, size).replace("a safetensors file", "a PyTorch file"))
