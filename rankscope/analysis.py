@@ -11,7 +11,7 @@ import os
 import sys
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -55,7 +55,8 @@ def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
         "dtype": module.stored_dtype,
     }
     # Widened to float64 once here, not again inside each importance function.
-    A, B = np.asarray(module.A, dtype=np.float64), np.asarray(module.B, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN in fp16 warns when widened; it is reported below
+        A, B = np.asarray(module.A, dtype=np.float64), np.asarray(module.B, dtype=np.float64)
     values = imp.rank_importance(A, B, module.scale, module.coefficients)
     if not np.isfinite(values).all():
         bad = [what for what, x in (("A", A), ("B", B)) if not np.isfinite(x).all()]

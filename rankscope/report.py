@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 
 SWEEP_SCHEMA = "rankscope/sweep-v1"  # here, not in sweeps.py, so readers of sweeps need no torch
-
-
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file, or raise one RankscopeError line saying what it was expected to be."""
-    from .errors import RankscopeError
-
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RankscopeError(f"{path} could not be read as {what} ({e})") from None
 
 
 def clean_for_json(value: Any) -> Any:

@@ -22,7 +22,6 @@ written, and the input is never touched.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections import Counter
