@@ -4,7 +4,6 @@ float64 SVD of the explicit update and, for PEFT, against real PEFT's own delta 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
