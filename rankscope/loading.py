@@ -16,6 +16,7 @@ from typing import Iterator
 
 from .errors import RankscopeError
 from .formats import LoraModule, parse_checkpoint
+from .trace import find_trace, is_trace_file
 from .tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
 
 # Weight files by the name each tool gives them, most specific first.
@@ -121,6 +122,7 @@ class Series:
     snapshots: list[SnapshotRef]
     final: SnapshotRef | None = None
     events_path: Path | None = None
+    trace: Path | None = None  # rank_trace.jsonl: the dense time axis for analysis (snapshots stay for sweeps)
 
     def __len__(self) -> int:
         return len(self.snapshots)
@@ -203,8 +205,12 @@ def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef 
     if not path.exists():
         raise RankscopeError(f"{path} does not exist: expected a LoRA checkpoint file, an adapter folder or a run folder")
     if path.is_file():
+        if is_trace_file(path):
+            events = path.parent / "events.jsonl"
+            return Series(path.parent, "trace", [], None, events if events.is_file() else None, trace=path)
         return SnapshotRef(path, step_from_name(path.name), format)
     entries = sorted(path.iterdir())
+    trace = find_trace(path)
     stepped_dirs = [(step_from_name(p.name), p) for p in entries if p.is_dir() and step_from_name(p.name) is not None]
     snapshots = [ref for _, p in stepped_dirs if (ref := _snapshot_in_folder(p, format)) is not None]
     final = _snapshot_in_folder(path, format)
@@ -224,7 +230,10 @@ def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef 
     if snapshots:
         snapshots.sort(key=lambda ref: (ref.step is None, ref.step or 0))
         events = path / "events.jsonl"
-        return Series(path, layout, snapshots, final, events if events.is_file() else None)
+        return Series(path, layout, snapshots, final, events if events.is_file() else None, trace)
+    if trace is not None:
+        events = path / "events.jsonl"
+        return Series(path, "trace", [], final, events if events.is_file() else None, trace)
     if final is not None:
         return final
     inner = [p for p in entries if p.is_dir() and find_weight_file(p) is not None]

@@ -98,6 +98,9 @@ def _load(path: str | os.PathLike, format: str | None) -> Checkpoint:
     """The adapter to suggest for: a checkpoint, or a run's final adapter (else its last snapshot)."""
     found = discover(path, format)
     if isinstance(found, Series):
+        if found.final is None and not found.snapshots:  # a rank trace alone: no adapter configuration to adapt
+            raise RankscopeError(f"{path} holds a rank trace but no adapter: expected an adapter folder, a run's "
+                                 "final adapter or a snapshot (the suggestion is written for the adapter's format)")
         return (found.final or found.snapshots[-1]).load()
     return found.load()
 
