@@ -38,6 +38,8 @@ class TrainConfig:
         targets: LoRA target modules; None picks the model's attention projections.
         held_out: examples kept out of training for evaluation (a fixed, seeded split).
         eval_every / snapshot_every: steps between held-out evaluations / adapter snapshots.
+        trace_every: steps between rank-trace records (``rank_trace.jsonl``: importances and spectra,
+            read by ``rankscope analyze`` as the dense time axis); None: no trace.
     """
 
     model: str = "minilm"
@@ -56,6 +58,7 @@ class TrainConfig:
     optimizer_state: str = "history"
     snapshot_every: int | None = 50
     eval_every: int | None = 100
+    trace_every: int | None = 10
     seed: int = 0
     held_out: int = 1000
     max_length: int = 64
@@ -261,6 +264,10 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         callbacks.append(BeamLoraCallback(controller))
     elif config.snapshot_every:
         callbacks.append(SnapshotCallback(config.snapshot_every, run_dir))
+    if config.trace_every:  # after the BeamLoRA step: a record at an operation's step shows its result
+        from rankscope.monitor import RankMonitorCallback
+
+        callbacks.append(RankMonitorCallback(every=config.trace_every, output_dir=run_dir, log=log))
 
     metrics: list[dict[str, Any]] = []
 

@@ -40,7 +40,7 @@ def test_short_run_learns_and_leaves_a_complete_run_folder(runs, method):
     result = runs[method]
     run = result.run_dir
     names = sorted(p.name for p in run.iterdir())
-    expected = ["config.json", "final", "metrics.jsonl", "step-000050", "step-000100", "step-000150"]
+    expected = ["config.json", "final", "metrics.jsonl", "rank_trace.jsonl", "step-000050", "step-000100", "step-000150"]
     assert names == sorted(expected + (["events.jsonl"] if method == "beamlora" else []))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [75, 150]
