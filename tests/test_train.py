@@ -56,6 +56,21 @@ def test_short_run_learns_and_leaves_a_complete_run_folder(runs, method):
         assert sum(len(e["pruned"]) for e in events) > 0
 
 
+def test_runs_record_a_rank_trace_that_analyze_reads_as_their_time_axis(runs):
+    import rankscope
+    from rankscope.sweeps import resolve_adapter
+
+    run = runs["beamlora"].run_dir
+    document = rankscope.analyze(run, progress=False)
+    assert document["layout"] == "trace" and [s["step"] for s in document["snapshots"]] == list(range(10, 151, 10))
+    assert len(document["events"]) == 3 * 24  # operation markers still come from events.jsonl
+    traced = {m["name"]: m for m in document["snapshots"][-1]["modules"]}
+    final = rankscope.analyze(run / "final", progress=False)["snapshots"][0]["modules"]  # the last step's adapter
+    for module in final:
+        assert traced[module["name"]]["importance"] == pytest.approx(module["importance"], rel=1e-6)
+    assert resolve_adapter(run).path == run / "final" / "adapter_model.safetensors"  # sweeps use the adapters
+
+
 def test_final_adapter_is_plain_peft_and_gives_the_reported_accuracy(runs):
     """Reload the final adapter with vanilla PEFT and recompute held-out accuracy independently."""
     import torch
