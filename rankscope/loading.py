@@ -118,7 +118,7 @@ class Series:
     """Snapshots of one training run, ordered by step, read one at a time."""
 
     path: Path
-    layout: str  # "hf-trainer", "beamlora-run", "mlx-series" or "snapshots"
+    layout: str  # "hf-trainer", "beamlora-run", "mlx-series", "snapshots" or "trace" (a trace alone)
     snapshots: list[SnapshotRef]
     final: SnapshotRef | None = None
     events_path: Path | None = None

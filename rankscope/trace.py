@@ -36,7 +36,7 @@ from .errors import RankscopeError
 
 TRACE_FILE = "rank_trace.jsonl"
 SCHEMA = "rankscope/trace-v1"
-DIGITS = 8  # significant digits of every stored number: float32 precision, 0.14% of a 7B r=64 snapshot a record
+DIGITS = 8  # significant digits of every stored number: float32 precision (a 7B r=64 record: 0.1% of a snapshot)
 _PREFIX = b'{"schema": "' + SCHEMA.encode() + b'"'
 _STEP = re.compile(rb'^\{"schema": "' + re.escape(SCHEMA.encode()) + rb'", "step": (-?\d+)[,}]')
 _DORA_NOTE = ("DoRA adapter: its update also rescales each output by a learned magnitude, so ΔW is not B A alone; "
