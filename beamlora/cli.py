@@ -47,6 +47,8 @@ DEFAULTS = TrainConfig()
                    "fixed-p: p stays at p_init until end_step.")
 @click.option("--snapshot-every", type=click.IntRange(min=0), default=DEFAULTS.snapshot_every, show_default=True,
               help="Write RUN_DIR/step-NNNNNN/ every N steps (0: none).")
+@click.option("--trace-every", type=click.IntRange(min=0), default=DEFAULTS.trace_every, show_default=True,
+              help="Append per-rank importances and spectra to RUN_DIR/rank_trace.jsonl every N steps (0: none).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=DEFAULTS.eval_every, show_default=True,
               help="Held-out evaluation every N steps (always at the end).")
 @click.option("--held-out", type=click.IntRange(min=1), default=DEFAULTS.held_out, show_default=True,
@@ -58,8 +60,8 @@ DEFAULTS = TrainConfig()
 @click.option("--overwrite", is_flag=True, help="Replace RUN_DIR if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def train(model: str, data: str, method: str, rank: int, alpha: float, targets: str | None, steps: int, batch_size: int,
-          lr: float, p_init: float, delta_t: int, ablation: str, snapshot_every: int, eval_every: int, held_out: int,
-          seed: int, out: Path, overwrite: bool, progress: bool) -> None:
+          lr: float, p_init: float, delta_t: int, ablation: str, snapshot_every: int, trace_every: int,
+          eval_every: int, held_out: int, seed: int, out: Path, overwrite: bool, progress: bool) -> None:
     """Train a LoRA or BeamLoRA adapter and report held-out accuracy.
 
     With no options: MiniLM (all-MiniLM-L6-v2) sequence classification on Rotten Tomatoes
@@ -72,6 +74,7 @@ def train(model: str, data: str, method: str, rank: int, alpha: float, targets: 
                          targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                          steps=steps, batch_size=batch_size, lr=lr, p_init=p_init, delta_t=delta_t, ablation=ablation,
                          snapshot_every=snapshot_every or None, eval_every=eval_every or None, held_out=held_out,
+                         trace_every=trace_every or None,
                          seed=seed, out=str(out))
     result = run_training(config, overwrite=overwrite, progress=progress)
     events = f", {result.events} BeamLoRA events" if method == "beamlora" else ""

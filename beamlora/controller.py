@@ -66,6 +66,8 @@ class BeamLoraController:
         self.events: list[dict[str, Any]] = []
         self.dead: dict[str, set[int]] = {}  # "no-expansion": slots pruned for good, per module
         self._checked_optimizer = False
+        # rankscope.monitor (any trainer's rank telemetry) reads w, the scores and the last operation from here.
+        model.rankscope_telemetry = self.telemetry
 
     # ------------------------------------------------------------------ schedule
 
@@ -265,6 +267,23 @@ class BeamLoraController:
         if not is_main_process():
             return None
         return write_adapter(self.model, path, self.layers, self.step_count, with_scores=False)
+
+    def telemetry(self) -> dict[str, Any]:
+        """Per-rank weights w and raw scores of every layer, and the ranks operated at the last operation.
+
+        The duck-typed protocol of ``rankscope.monitor.TELEMETRY_ATTR``; read on one process, so no collective.
+        """
+        last = self.events[-1]["step"] if self.events else None
+        operated = 0
+        for event in reversed(self.events):
+            if event["step"] != last:
+                break
+            operated += len(event["pruned"])
+        with torch.no_grad():
+            layers = {layer.module: {"weights": layer.weights().detach(), "scores": layer.score.detach()}
+                      for layer in self.layers}
+        return {"method": "beamlora", "layers": layers, "ranks_operated": operated if last is not None else None,
+                "operation_step": last}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Current ``w = r · softmax(s / T)`` per module."""

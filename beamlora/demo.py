@@ -34,6 +34,7 @@ def demo_config(method: str, steps: int, held_out: int, out: Path) -> TrainConfi
     scaled = lambda every: max(2, round(every * steps / DEMO.steps))  # noqa: E731
     return dataclasses.replace(DEMO, method=method, steps=steps, held_out=held_out, out=str(out / method),
                                eval_every=scaled(DEMO.eval_every), snapshot_every=scaled(DEMO.snapshot_every),
+                               trace_every=scaled(DEMO.trace_every),
                                delta_t=scaled(DEMO.delta_t))
 
 

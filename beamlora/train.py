@@ -42,6 +42,8 @@ class TrainConfig:
         held_out: examples kept out of training for evaluation (a fixed, seeded split).
         seed: an integer in 0 … 2**32 − 1 (what numpy and transformers' set_seed accept).
         eval_every / snapshot_every: steps between held-out evaluations / adapter snapshots.
+        trace_every: steps between rank-trace records (``rank_trace.jsonl``: importances and spectra,
+            read by ``rankscope analyze`` as the dense time axis); None: no trace.
     """
 
     model: str = "minilm"
@@ -61,6 +63,7 @@ class TrainConfig:
     ablation: str = "none"
     snapshot_every: int | None = 50
     eval_every: int | None = 100
+    trace_every: int | None = 10
     seed: int = 0
     held_out: int = 1000
     max_length: int = 64
@@ -284,6 +287,10 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         callbacks.append(BeamLoraCallback(controller))
     elif config.snapshot_every:
         callbacks.append(SnapshotCallback(config.snapshot_every, run_dir))
+    if config.trace_every:  # after the BeamLoRA step: a record at an operation's step shows its result
+        from rankscope.monitor import RankMonitorCallback
+
+        callbacks.append(RankMonitorCallback(every=config.trace_every, output_dir=run_dir, log=log))
 
     metrics: list[dict[str, Any]] = []
 

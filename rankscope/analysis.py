@@ -42,8 +42,19 @@ def spectrum_meaning(module: LoraModule) -> str:
     return "scale·B·A"
 
 
-def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
-    """Importance, deciles and spread of one module, as a JSON-ready dict."""
+def nonfinite_error(name: str, parts: list[str]) -> str:
+    """The ``error`` of a module whose A or B (``parts``) holds NaN or Inf."""
+    where = " and ".join(parts) if parts else "its scale or coefficients"
+    return f"{where} of {name} hold NaN or Inf: no importance can be computed for this module"
+
+
+def module_entry(module: LoraModule, importance: np.ndarray | None, spectrum: np.ndarray | None = None,
+                 error: str | None = None) -> dict[str, Any]:
+    """One module's JSON-ready entry from its metadata, importances and spectrum (no A or B is read).
+
+    ``importance`` None gives the entry of a module that could not be analysed, with ``error``.
+    Used for checkpoints (:func:`analyze_module`) and for rank traces recorded while training.
+    """
     entry: dict[str, Any] = {
         "name": module.name,
         "rank": module.rank,
@@ -54,33 +65,40 @@ def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
         "layer_type": module.layer_type,
         "dtype": module.stored_dtype,
     }
-    # Widened to float64 once here, not again inside each importance function.
-    with np.errstate(invalid="ignore"):  # a signalling NaN in fp16 warns when widened; it is reported below
-        A, B = np.asarray(module.A, dtype=np.float64), np.asarray(module.B, dtype=np.float64)
-    values = imp.rank_importance(A, B, module.scale, module.coefficients)
-    if not np.isfinite(values).all():
-        bad = [what for what, x in (("A", A), ("B", B)) if not np.isfinite(x).all()]
-        where = " and ".join(bad) if bad else "its scale or coefficients"
-        entry.update(importance=None, deciles=None,
-                     error=f"{where} of {module.name} hold NaN or Inf: no importance can be computed for this module")
+    if importance is None:
+        entry.update(importance=None, deciles=None, error=error)
         return entry
+    values = np.asarray(importance, dtype=np.float64)
     entry["importance"] = values.tolist()
     entry["deciles"] = imp.deciles(values).tolist()
     entry["top10_share"] = imp.top_share(values, TOP_FRACTION)
     entry["effective_rank"] = imp.effective_rank(values)
     entry["gini"] = imp.gini(values)
-    if spectrum:
-        values = imp.update_spectrum(A, B, module.scale, module.coefficients)
+    if spectrum is not None:
+        values = np.asarray(spectrum, dtype=np.float64)
         entry["spectrum"] = values.tolist()
         entry["spectrum_of"] = spectrum_meaning(module)
         entry["energy_rank"] = imp.energy_ranks(values)
         entry["stable_rank"] = imp.stable_rank(values)
         entry["spectral_effective_rank"] = imp.spectral_effective_rank(values)
     if module.scores is not None:
-        entry["scores"] = module.scores.tolist()
+        entry["scores"] = np.asarray(module.scores, dtype=np.float64).tolist()
     if module.E is not None:
-        entry["adalora_E"] = module.E.tolist()
+        entry["adalora_E"] = np.asarray(module.E, dtype=np.float64).tolist()
     return entry
+
+
+def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
+    """Importance, deciles and spread of one module, as a JSON-ready dict."""
+    # Widened to float64 once here, not again inside each importance function.
+    with np.errstate(invalid="ignore"):  # a signalling NaN in fp16 warns when widened; it is reported below
+        A, B = np.asarray(module.A, dtype=np.float64), np.asarray(module.B, dtype=np.float64)
+    values = imp.rank_importance(A, B, module.scale, module.coefficients)
+    if not np.isfinite(values).all():
+        bad = [what for what, x in (("A", A), ("B", B)) if not np.isfinite(x).all()]
+        return module_entry(module, None, error=nonfinite_error(module.name, bad))
+    spectral = imp.update_spectrum(A, B, module.scale, module.coefficients) if spectrum else None
+    return module_entry(module, values, spectral)
 
 
 def spectral_ratios(module: dict[str, Any]) -> dict[str, float] | None:
@@ -223,23 +241,31 @@ def _one_blas_thread() -> Iterator[None]:
 def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool = True,
             progress: bool | None = None, last_only: bool = False) -> dict[str, Any]:
     """Analyse a checkpoint or every snapshot of a run (only the last with ``last_only``), one
-    snapshot in memory at a time.
+    snapshot in memory at a time. A run's rank trace (``rank_trace.jsonl``, or the file itself), when
+    there is one, gives the snapshots instead of its snapshot folders: layout ``"trace"``.
 
     Returns the ``rankscope/analysis-v1`` document (see the README for its fields).
     """
     found = discover(path, format)
-    refs = found.snapshots if isinstance(found, Series) else [found]
-    refs = refs[-1:] if last_only else refs
-    snapshots = []
-    with progress_bar(len(refs), progress, "analysing snapshots", "snapshot") as bar, _one_blas_thread():
-        for ref in refs:
-            snapshots.append(analyze_checkpoint(ref.load(), spectrum))
-            bar.update(1)
+    traced = isinstance(found, Series) and found.trace is not None
+    if traced:  # recorded while training: the dense time axis, nothing to load (snapshot folders stay for sweeps)
+        from .trace import trace_snapshots
+
+        with _one_blas_thread():
+            snapshots = trace_snapshots(found.trace, spectrum, last_only, progress)
+    else:
+        refs = found.snapshots if isinstance(found, Series) else [found]
+        refs = refs[-1:] if last_only else refs
+        snapshots = []
+        with progress_bar(len(refs), progress, "analysing snapshots", "snapshot") as bar, _one_blas_thread():
+            for ref in refs:
+                snapshots.append(analyze_checkpoint(ref.load(), spectrum))
+                bar.update(1)
     document: dict[str, Any] = {
         "schema": SCHEMA,
         "path": str(path),
         "format": snapshots[0]["format"] if snapshots else None,
-        "layout": found.layout if isinstance(found, Series) else "single",
+        "layout": "trace" if traced else found.layout if isinstance(found, Series) else "single",
         "snapshots": snapshots,
     }
     if isinstance(found, Series):
@@ -267,5 +293,5 @@ def analyze_or_read(path: str | os.PathLike, format: str | None = None, progress
     return analyze(path, format=format, progress=progress, last_only=last_only)
 
 
-__all__ = ["SCHEMA", "analyze", "analyze_checkpoint", "analyze_module", "summarize", "load_document",
+__all__ = ["SCHEMA", "analyze", "analyze_checkpoint", "analyze_module", "module_entry", "summarize", "load_document",
            "analyze_or_read", "SnapshotRef"]

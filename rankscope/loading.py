@@ -16,6 +16,7 @@ from typing import Iterator
 
 from .errors import RankscopeError
 from .formats import LoraModule, parse_checkpoint, per_rank_vector
+from .trace import find_trace, is_trace_file
 from .tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
 from .validate import (ADAPTER_CONFIG, TRAINER_STATE, check_event, check_trainer_state, open_regular, parse_json,
                        read_json as _read_json)
@@ -147,10 +148,11 @@ class Series:
     """Snapshots of one training run, ordered by step, read one at a time."""
 
     path: Path
-    layout: str  # "hf-trainer", "beamlora-run", "mlx-series" or "snapshots"
+    layout: str  # "hf-trainer", "beamlora-run", "mlx-series", "snapshots" or "trace" (a trace alone)
     snapshots: list[SnapshotRef]
     final: SnapshotRef | None = None
     events_path: Path | None = None
+    trace: Path | None = None  # rank_trace.jsonl: the dense time axis for analysis (snapshots stay for sweeps)
 
     def __len__(self) -> int:
         return len(self.snapshots)
@@ -237,8 +239,12 @@ def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef 
     if problem:
         raise RankscopeError(f"{problem}: expected a LoRA checkpoint file, an adapter folder or a run folder")
     if not path.is_dir():
+        if is_trace_file(path):
+            events = path.parent / "events.jsonl"
+            return Series(path.parent, "trace", [], None, events if os.path.lexists(events) else None, trace=path)
         return SnapshotRef(path, step_from_name(path.name), format)
     entries = _entries(path)
+    trace = find_trace(path)
     stepped_dirs = [(step_from_name(p.name), p) for p in entries if p.is_dir() and step_from_name(p.name) is not None]
     snapshots = [ref for _, p in stepped_dirs if (ref := _snapshot_in_folder(p, format)) is not None]
     final = _snapshot_in_folder(path, format)
@@ -258,7 +264,10 @@ def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef 
     if snapshots:
         snapshots.sort(key=lambda ref: (ref.step is None, ref.step or 0))
         events = path / "events.jsonl"
-        return Series(path, layout, snapshots, final, events if os.path.lexists(events) else None)
+        return Series(path, layout, snapshots, final, events if os.path.lexists(events) else None, trace)
+    if trace is not None:
+        events = path / "events.jsonl"
+        return Series(path, "trace", [], final, events if os.path.lexists(events) else None, trace)
     if final is not None:
         return final
     inner = [p for p in entries if p.is_dir() and find_weight_file(p) is not None]
@@ -296,6 +305,9 @@ def resolve_adapter(adapter: str | os.PathLike | Checkpoint | Series, step: int 
         return adapter
     found = adapter if isinstance(adapter, Series) else discover(adapter, format)
     if isinstance(found, Series):
+        if found.final is None and not found.snapshots:
+            raise RankscopeError(f"{found.path} holds a rank trace but no adapter: expected an adapter folder, a run's "
+                                 "final adapter or a snapshot (a trace has importances and spectra, not weights)")
         if step is not None:
             return found.at_step(step)
         if found.final is None:

@@ -40,7 +40,7 @@ def test_short_run_learns_and_leaves_a_complete_run_folder(runs, method):
     result = runs[method]
     run = result.run_dir
     names = sorted(p.name for p in run.iterdir())
-    expected = ["config.json", "final", "metrics.jsonl", "step-000050", "step-000100", "step-000150"]
+    expected = ["config.json", "final", "metrics.jsonl", "rank_trace.jsonl", "step-000050", "step-000100", "step-000150"]
     assert names == sorted(expected + (["events.jsonl"] if method == "beamlora" else []))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [75, 150]
@@ -54,6 +54,21 @@ def test_short_run_learns_and_leaves_a_complete_run_folder(runs, method):
         events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
         assert {e["step"] for e in events} == {25, 50, 75} and len(events) == 3 * 24
         assert sum(len(e["pruned"]) for e in events) > 0
+
+
+def test_runs_record_a_rank_trace_that_analyze_reads_as_their_time_axis(runs):
+    import rankscope
+    from rankscope.sweeps import resolve_adapter
+
+    run = runs["beamlora"].run_dir
+    document = rankscope.analyze(run, progress=False)
+    assert document["layout"] == "trace" and [s["step"] for s in document["snapshots"]] == list(range(10, 151, 10))
+    assert len(document["events"]) == 3 * 24  # operation markers still come from events.jsonl
+    traced = {m["name"]: m for m in document["snapshots"][-1]["modules"]}
+    final = rankscope.analyze(run / "final", progress=False)["snapshots"][0]["modules"]  # the last step's adapter
+    for module in final:
+        assert traced[module["name"]]["importance"] == pytest.approx(module["importance"], rel=1e-6)
+    assert resolve_adapter(run).path == run / "final" / "adapter_model.safetensors"  # sweeps use the adapters
 
 
 def test_final_adapter_is_plain_peft_and_gives_the_reported_accuracy(runs):
