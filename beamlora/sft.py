@@ -101,9 +101,7 @@ def fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[i
 
 
 def encode(example: SftExample, tokenizer: Any, max_length: int) -> Encoded:
-    prompt, response = render(example, tokenizer)
-    if not response:
-        raise BeamLoraError(f"{example.source or 'an example'}: the response tokenises to nothing, expected text")
+    prompt, response = render(example, tokenizer)  # the response holds at least EOS
     prompt, response, truncated = fit(prompt, response, max_length)
     return Encoded(prompt + response, [IGNORE] * len(prompt) + response, len(prompt), truncated, example.response)
 
@@ -179,15 +177,18 @@ def response_nll(model: Any, encoded: EncodedSet, pad_id: int, batch_size: int =
     """(sum of negative log-likelihoods in nats, number of tokens) over every response token."""
     import torch
 
-    collate = collator(pad_id)
+    keep = accepts_logits_to_keep(model)
+    collate = collator(pad_id, keep)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded.items[start:start + batch_size])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        target = batch["labels"][:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
-                                                ignore_index=IGNORE, reduction="sum")
+        extra = {"logits_to_keep": batch["logits_to_keep"]} if keep else {}
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       **extra).logits
+        target = batch["labels"][:, 1:].to(device)  # the labels of the kept positions, shifted by one
+        scores = logits[:, :-1] if logits.dtype == torch.float64 else logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(scores.transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
         total += float(nll)
         count += int((target != IGNORE).sum())
         if bar is not None:

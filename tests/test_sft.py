@@ -225,6 +225,10 @@ def test_batch_loss_equals_a_hand_computation_over_response_tokens(tokenizer, mo
     assert len(nlls) == sum(len(x.response_ids) for x in encoded)
     # transformers' loss casts the logits to float32, hence 1e-6 and not float64's 1e-12.
     assert loss == pytest.approx(sum(nlls) / len(nlls), rel=1e-6)
+    # The held-out evaluation's own sum (logits from the first response position on), in float64.
+    with torch.no_grad():
+        total, count = sft.response_nll(model64, sft.EncodedSet(encoded), tokenizer.pad_token_id, batch_size=2)
+    assert count == len(nlls) and total == pytest.approx(sum(nlls), rel=1e-12)
 
 
 def test_truncation_keeps_the_prompt_end_and_the_response(tokenizer):
@@ -309,6 +313,14 @@ def test_model_checks(tmp_path):
     assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
     assert note == ("the tokenizer has no pad token: padding with its EOS token '<|im_end|>' (padded positions are "
                     "masked out of attention and loss)")
+
+
+def test_sft_data_modules_stay_light():
+    code = ("import sys, beamlora.sft, beamlora.sft_data, beamlora.arithmetic, beamlora.answers; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"  # bad data fails fast, before the heavy imports
 
 
 def test_task_defaults_fill_only_what_is_left_out():
