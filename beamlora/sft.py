@@ -22,11 +22,12 @@ are skipped over the prompts.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .answers import exact_match, reference_answer
 from .errors import BeamLoraError
@@ -240,21 +241,18 @@ def answerable(encoded: EncodedSet) -> list[Encoded]:
     return [x for x in encoded.items if reference_answer(x.reference) is not None]
 
 
-def _eval_mode(model: Any):
-    import contextlib
-
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """Eval mode without gradients, then the model's mode as it was."""
     import torch
 
-    @contextlib.contextmanager
-    def scope():
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            model.train(was_training)
-    return scope()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def mean_loss(model: Any, tokenizer: Any, encoded: EncodedSet, batch_size: int = EVAL_BATCH,
