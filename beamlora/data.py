@@ -150,7 +150,12 @@ def load_data(spec: str | Path) -> TextDataset:
 
 def split(dataset: TextDataset, held_out: int | float, seed: int) -> tuple[TextDataset, TextDataset]:
     """Seeded random split into (train, held_out); ``held_out`` is a count or a fraction in (0, 1)."""
-    n = len(dataset)
+    train, held = split_indices(len(dataset), held_out, seed)
+    return dataset.subset(train), dataset.subset(held)
+
+
+def split_indices(n: int, held_out: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a seeded random split of ``n`` items into (train, held_out)."""
     if isinstance(held_out, float) and not isinstance(held_out, bool) and 0 < held_out < 1:
         k = int(round(n * held_out))
     elif isinstance(held_out, (int, np.integer)) and not isinstance(held_out, bool):
@@ -160,7 +165,7 @@ def split(dataset: TextDataset, held_out: int | float, seed: int) -> tuple[TextD
     if not 0 < k < n:
         raise BeamLoraError(f"held_out={held_out!r} gives {k} of {n} examples, expected between 1 and {n - 1}")
     order = np.random.default_rng(seed).permutation(n)
-    return dataset.subset(order[k:]), dataset.subset(order[:k])
+    return order[k:], order[:k]
 
 
 def majority_rate(dataset: TextDataset) -> float:

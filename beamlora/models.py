@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,9 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _PROMPT = "Review: {text}\nSentiment:"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a causal LM's class name ends with in config.json's "architectures" (its trained head).
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def _require(module: str, pip: str) -> Any:
@@ -41,9 +45,10 @@ def _require(module: str, pip: str) -> Any:
         raise BeamLoraError(f"{module} is not installed ({e}); `{pip}` or `make setup` installs it") from None
 
 
-def _offline() -> None:
-    # Every model here is local; never let transformers try the Hub (there may be no network).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _offline(spec: str | os.PathLike | None = None) -> None:
+    # Every model here is local (unless a hub id is asked for); never let transformers try the Hub.
+    if spec is None or not is_hub_id(spec):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Loading bars and "newly initialized" notices would bury our own one-line output.
     from transformers.utils import logging
 
@@ -110,7 +115,7 @@ def _convert_smollm2(target: Path) -> None:
         raise
 
 
-def model_path(spec: str | os.PathLike) -> Path:
+def model_path(spec: str | os.PathLike) -> Path | str:
     """The folder ``from_pretrained`` reads for ``spec`` (converting SmolLM2 on first use)."""
     name = str(spec).strip().lower()
     if name == MINILM:
@@ -127,8 +132,17 @@ def model_path(spec: str | os.PathLike) -> Path:
         return target
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
-        raise BeamLoraError(f"model {str(spec)!r}: not {MINILM!r}, {SMOLLM2!r} or a folder with config.json")
+        if is_hub_id(spec):
+            return str(spec).strip()  # from_pretrained fetches it (or finds it in the Hugging Face cache)
+        raise BeamLoraError(f"model {str(spec)!r}: not {MINILM!r}, {SMOLLM2!r}, a folder with config.json "
+                            "or a Hugging Face hub id (owner/name)")
     return path
+
+
+def is_hub_id(spec: str | os.PathLike) -> bool:
+    """``owner/name`` that is not a local path: a model on the Hugging Face hub."""
+    text = str(spec).strip()
+    return bool(_HUB_ID.fullmatch(text)) and not Path(text).expanduser().exists()
 
 
 def _seeded_init(model: "torch.nn.Module", names: Sequence[str], seed: int, std: float) -> None:
@@ -156,7 +170,7 @@ def _seeded_init(model: "torch.nn.Module", names: Sequence[str], seed: int, std:
 
 def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> tuple[Any, Any]:
     """(AutoModelForSequenceClassification, tokenizer) with a ``num_labels`` head drawn from ``seed``."""
-    _offline()
+    _offline(spec)
     if num_labels < 2:
         raise BeamLoraError(f"num_labels={num_labels}, expected at least 2")
     path = model_path(spec)
@@ -175,18 +189,59 @@ def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> 
     return model, tokenizer
 
 
-def load_causal_lm(spec: str | os.PathLike) -> tuple[Any, Any]:
-    """(AutoModelForCausalLM in fp32, tokenizer) for ``"smollm2"`` or a local folder."""
-    _offline()
+def load_tokenizer(spec: str | os.PathLike) -> tuple[Any, str | None]:
+    """(tokenizer, note): the note says so when the tokenizer had no pad token and EOS now pads."""
+    _offline(spec)
     path = model_path(spec)
     transformers = _require("transformers", "pip install -e .")
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise BeamLoraError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+        raise BeamLoraError(f"model {path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    note = None
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise BeamLoraError(f"model {path}: the tokenizer has neither a pad nor an EOS token, expected at least one")
         tokenizer.pad_token = tokenizer.eos_token
+        note = (f"the tokenizer has no pad token: padding with its EOS token {tokenizer.eos_token!r} "
+                "(padded positions are masked out of attention and loss)")
+    return tokenizer, note
+
+
+def check_causal_lm(spec: str | os.PathLike) -> None:
+    """Refuse, from config.json alone, a model whose trained head is not a language-model head."""
+    _offline(spec)
+    path = model_path(spec)
+    transformers = _require("transformers", "pip install -e .")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise BeamLoraError(f"model {path}: cannot read its config ({str(e).splitlines()[0]})") from None
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(_CAUSAL_HEADS) for a in architectures):
+        raise BeamLoraError(f"model {path} is a {', '.join(architectures)} (config.json), expected a causal LM "
+                            "with a language-model head (…ForCausalLM)")
+
+
+def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None) -> tuple[Any, Any]:
+    """(AutoModelForCausalLM in fp32, tokenizer) for ``"smollm2"``, a local folder or a hub id.
+
+    A model whose language-model head is not in its weights (it would be random) is refused.
+    """
+    check_causal_lm(spec)
+    path = model_path(spec)
+    transformers = _require("transformers", "pip install -e .")
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise BeamLoraError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    head = model.get_output_embeddings()
+    head_name = next((name for name, module in model.named_modules() if module is head), None)
+    if head_name is not None and f"{head_name}.weight" in info.get("missing_keys", []):
+        raise BeamLoraError(f"model {path}: its weights hold no language-model head ({head_name}), expected a "
+                            "trained causal LM (a base encoder would predict tokens at random)")
+    if tokenizer is None:
+        tokenizer, _ = load_tokenizer(spec)
     return model, tokenizer
 
 

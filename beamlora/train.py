@@ -27,36 +27,55 @@ from .errors import BeamLoraError
 METHODS = ("lora", "beamlora")
 
 
+TASKS = ("classification", "sft")
+# What a field left at None means, per task. Classification: MiniLM on Rotten Tomatoes. sft: SmolLM2 on
+# the generated arithmetic problems, sized for a CPU (see README: time per step, exact match before/after).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {"model": "minilm", "data": "rotten-tomatoes", "rank": 16, "alpha": 32.0, "steps": 300,
+                       "batch_size": 16, "lr": 5e-4, "delta_t": 50, "held_out": 1000, "max_length": 64},
+    "sft": {"model": "smollm2", "data": "arithmetic", "rank": 8, "alpha": 16.0, "steps": 150,
+            "batch_size": 4, "lr": 1e-3, "delta_t": 20, "held_out": 100, "max_length": 128},
+}
+
+
 @dataclass
 class TrainConfig:
     """One training run. The defaults are the embedded default task (a few minutes on 2 CPU cores).
 
+    Fields left at None take the task's default (``TASK_DEFAULTS``); after construction every one
+    holds a value, so ``config.json`` records what ran.
+
     Args:
+        task: "classification" (a label per text) or "sft" (instruction tuning of a causal LM:
+            prompt / response pairs, loss on the response, exact match of the final answer).
         model: "minilm" (sequence classification), "smollm2" (causal LM: prompt, label word as
-            target) or a local folder with a transformers model.
-        data: "rotten-tomatoes" or a .csv/.jsonl file with text and label columns.
+            target; the sft default), a local folder with a transformers model, or a hub id.
+        data: classification: "rotten-tomatoes" or a .csv/.jsonl file with text and label columns;
+            sft: "arithmetic" (built in) or a .jsonl of {"prompt", "response"} or {"messages"}.
         method: "lora" or "beamlora".
         ablation: BeamLoRA only: "none", or one of the paper's Table 3 controls, "no-expansion",
             "random" or "fixed-p" (see :class:`beamlora.BeamLoraConfig`).
         targets: LoRA target modules; None picks the model's attention projections.
         held_out: examples kept out of training for evaluation (a fixed, seeded split).
         seed: an integer in 0 … 2**32 − 1 (what numpy and transformers' set_seed accept).
+        max_length: tokens per training sequence (sft: prompt and response together).
         eval_every / snapshot_every: steps between held-out evaluations / adapter snapshots.
         trace_every: steps between rank-trace records (``rank_trace.jsonl``: importances and spectra,
             read by ``rankscope analyze`` as the dense time axis); None: no trace.
     """
 
-    model: str = "minilm"
-    data: str = "rotten-tomatoes"
+    task: str = "classification"
+    model: str | None = None
+    data: str | None = None
     method: str = "beamlora"
-    rank: int = 16
-    alpha: float = 32.0
+    rank: int | None = None
+    alpha: float | None = None
     targets: list[str] | None = None
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 5e-4
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     p_init: float = 0.95
-    delta_t: int = 50
+    delta_t: int | None = None
     temperature: float = 0.05
     scope: str = "global"
     optimizer_state: str = "history"
@@ -65,11 +84,16 @@ class TrainConfig:
     eval_every: int | None = 100
     trace_every: int | None = 10
     seed: int = 0
-    held_out: int = 1000
-    max_length: int = 64
+    held_out: int | None = None
+    max_length: int | None = None
     out: str = "runs/default"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise BeamLoraError(f"task {self.task!r}, expected one of {', '.join(TASKS)}")
+        for name, value in TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.method not in METHODS:
             raise BeamLoraError(f"method {self.method!r}, expected one of {', '.join(METHODS)}")
         for name in ("rank", "steps", "batch_size", "held_out", "max_length"):
@@ -101,11 +125,33 @@ class TrainConfig:
 @dataclass
 class RunResult:
     run_dir: Path
-    task: str  # "classification" or "causal"
-    accuracy: float  # held-out accuracy at the end
-    majority_rate: float  # accuracy of always answering the most common held-out label
+    task: str  # "classification", "causal" (label words of a causal LM) or "sft"
+    accuracy: float | None  # held-out accuracy at the end (None for sft)
+    majority_rate: float | None  # accuracy of always answering the most common held-out label (None for sft)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     events: int = 0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last held-out evaluation (sft: loss, perplexity, exact_match)."""
+        return self.metrics[-1] if self.metrics else {}
+
+
+@dataclass
+class TaskParts:
+    """What a task hands the shared training loop: a model, its data, and how to evaluate it."""
+
+    model: Any
+    tokenizer: Any
+    train_data: Any  # a torch-style Dataset that ``collate`` batches
+    collate: Callable[[list], dict]
+    evaluate: Callable[[Any], dict[str, Any]]  # model -> held-out metrics
+    kind: str  # RunResult.task
+    peft_task_type: str  # "SEQ_CLS" or "CAUSAL_LM"
+    record: dict[str, Any] = field(default_factory=dict)  # more fields for config.json
+    baseline: float | None = None  # classification: the majority rate
+    eval_at_start: bool = False  # also evaluate the untuned model (step 0)
+    files: Callable[[], dict[str, str]] | None = None  # the task's own files for the run folder, at the end
 
 
 # ----------------------------------------------------------------------------- task
@@ -218,6 +264,39 @@ def _log_line(line: str) -> None:
     tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
 
 
+def _classification_parts(config: TrainConfig) -> TaskParts:
+    """Sequence classification (or label words of a causal LM) on a labelled text set."""
+    # Data first: bad input fails in a second, before any model loads.
+    dataset = load_data(config.data)
+    if len(dataset) <= config.held_out + config.batch_size:
+        raise BeamLoraError(f"{config.data}: {len(dataset)} examples, expected more than held_out={config.held_out} "
+                            f"+ one batch of {config.batch_size}")
+    train_set, held_out = split(dataset, config.held_out, config.seed)
+    kind = task_of(config.model)
+
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from . import models
+
+    set_seed(config.seed)
+    if kind == "classification":
+        model, tokenizer = models.load_classifier(config.model, len(dataset.label_names), seed=config.seed)
+        train_data = encode_classification(train_set, tokenizer, config.max_length)
+        eval_data = encode_classification(held_out, tokenizer, config.max_length)
+        collate = DataCollatorWithPadding(tokenizer)
+        evaluate = lambda m: classification_metrics(m, eval_data, collate)  # noqa: E731
+    else:
+        model, tokenizer = models.load_causal_lm(config.model)
+        train_data = encode_causal(train_set, tokenizer, config.max_length)
+        collate = causal_collator(tokenizer.pad_token_id)
+        evaluate = lambda m: {"accuracy": models.causal_accuracy(m, tokenizer, held_out,  # noqa: E731
+                                                                 max_length=config.max_length)}
+    record = {"head": kind, "train_examples": len(train_set), "held_out_examples": len(held_out),
+              "label_names": dataset.label_names}
+    return TaskParts(model, tokenizer, train_data, collate, evaluate, kind,
+                     "SEQ_CLS" if kind == "classification" else "CAUSAL_LM", record, baseline=majority_rate(held_out))
+
+
 def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] = _log_line) -> RunResult:
     """Run one training job into ``config.out`` and return its held-out result.
@@ -230,30 +309,25 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
 
     if config.method == "beamlora" and (warning := schedule_warning(config.beamlora_config(None))):
         log(warning)
-    # Data first: bad input fails in a second, before any model loads.
-    dataset = load_data(config.data)
-    if len(dataset) <= config.held_out + config.batch_size:
-        raise BeamLoraError(f"{config.data}: {len(dataset)} examples, expected more than held_out={config.held_out} "
-                            f"+ one batch of {config.batch_size}")
-    train_set, held_out = split(dataset, config.held_out, config.seed)
-    task = task_of(config.model)
+    if config.task == "sft":
+        from .sft_task import sft_parts
+
+        parts = sft_parts(config, progress=progress, log=log)
+    else:
+        parts = _classification_parts(config)
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from . import models
     from .callbacks import BeamLoraCallback, SnapshotCallback
     from .snapshots import write_adapter
 
-    set_seed(config.seed)
-    if task == "classification":
-        model, tokenizer = models.load_classifier(config.model, len(dataset.label_names), seed=config.seed)
-    else:
-        model, tokenizer = models.load_causal_lm(config.model)
+    model, tokenizer, evaluate = parts.model, parts.tokenizer, parts.evaluate
     targets = config.targets or models.default_targets(model)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0,
-                      task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM")
+                      task_type=parts.peft_task_type)
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
@@ -263,20 +337,8 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
 
     run_dir = Path(config.out)
     _prepare_run_dir(run_dir, overwrite)
-    write_json(run_dir / "config.json", {**dataclasses.asdict(config), "targets": targets, "task": task,
-                                         "train_examples": len(train_set), "held_out_examples": len(held_out),
-                                         "label_names": dataset.label_names, "versions": _versions()})
-
-    if task == "classification":
-        train_data = encode_classification(train_set, tokenizer, config.max_length)
-        eval_data = encode_classification(held_out, tokenizer, config.max_length)
-        collate = DataCollatorWithPadding(tokenizer)
-        evaluate = lambda m: classification_metrics(m, eval_data, collate)  # noqa: E731
-    else:
-        train_data = encode_causal(train_set, tokenizer, config.max_length)
-        collate = causal_collator(tokenizer.pad_token_id)
-        evaluate = lambda m: {"accuracy": models.causal_accuracy(m, tokenizer, held_out,  # noqa: E731
-                                                                 max_length=config.max_length)}
+    write_json(run_dir / "config.json", {**dataclasses.asdict(config), "targets": targets, **parts.record,
+                                         "versions": _versions()})
 
     callbacks: list[Any] = []
     controller = None
@@ -304,16 +366,23 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            if parts.eval_at_start and state.global_step == 0:
+                self.record(0, kwargs["model"])
+
         def on_step_end(self, args, state, control, **kwargs):
             if (config.eval_every and state.global_step % config.eval_every == 0) or state.global_step == config.steps:
-                record = {"step": state.global_step, **evaluate(kwargs["model"])}
-                if self.losses:
-                    record["train_loss"] = sum(self.losses) / len(self.losses)
-                    self.losses = []
-                check_metrics(record, state.global_step, run_dir)
-                metrics.append(record)
-                write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
-                log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                self.record(state.global_step, kwargs["model"])
+
+        def record(self, step: int, model: Any) -> None:
+            record = {"step": step, **evaluate(model)}
+            if self.losses:
+                record["train_loss"] = sum(self.losses) / len(self.losses)
+                self.losses = []
+            check_metrics(record, step, run_dir)
+            metrics.append(record)
+            write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
+            log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     callbacks.append(HeldOut())
     args = TrainingArguments(
@@ -322,7 +391,8 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         seed=config.seed, data_seed=config.seed, save_strategy="no", logging_steps=max(1, min(10, config.steps // 10)),
         report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=train_data, data_collator=collate, callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=parts.train_data, data_collator=parts.collate,
+                      callbacks=callbacks)
     _quiet_logs(trainer, progress)
     guard_loss(trainer, run_dir)
     try:
@@ -335,8 +405,10 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     else:
         write_adapter(model, run_dir / "final")
     tokenizer.save_pretrained(str(run_dir / "final"))
+    for name, text in (parts.files() if parts.files else {}).items():
+        write_text(run_dir / name, text)
     final = metrics[-1]
-    return RunResult(run_dir=run_dir, task=task, accuracy=final["accuracy"], majority_rate=majority_rate(held_out),
+    return RunResult(run_dir=run_dir, task=parts.kind, accuracy=final.get("accuracy"), majority_rate=parts.baseline,
                      metrics=metrics, events=len(controller.events) if controller else 0)
 
 

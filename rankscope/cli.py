@@ -218,13 +218,13 @@ def suggest(path: Path, energy: float, format_: str | None, step: int | None, js
                    "options below, or a beamlora train run's own model, data and held-out split).")
 @click.option("--model", "model_spec", help="--validate: base model, minilm, smollm2 or a local folder (default: the run's own).")
 @click.option("--data", help="--validate: rotten-tomatoes, a .csv/.jsonl with text and label, or a text file for loss.")
-@click.option("--metric", type=click.Choice(["accuracy", "loss", "perplexity"]), default="accuracy", show_default=True,
-              help="--validate: the metric to compare.")
+@click.option("--metric", type=click.Choice(["accuracy", "exact_match", "loss", "perplexity"]),
+              help="--validate: the metric to compare (default: the run's own; accuracy otherwise).")
 @click.option("--examples", type=click.IntRange(min=1), help="--validate: only the first N held-out examples.")
 @click.option("--json", "json_target", metavar="FILE|-", help="Write the per-module table as JSON to FILE, or to stdout with '-'.")
 def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, max_error: float | None, module_min: int,
            dtype: str, step: int | None, format_: str | None, overwrite: bool, validate: bool, model_spec: str | None,
-           data: str | None, metric: str, examples: int | None, json_target: str | None) -> None:
+           data: str | None, metric: str | None, examples: int | None, json_target: str | None) -> None:
     """Write a smaller adapter: each module truncated to its best rank-k update, in the input's own format.
 
     Exactly one rule picks each module's k: --energy F (the same rule as `rankscope suggest`),
@@ -276,9 +276,11 @@ def _fractions(text: str) -> list[float]:
 @click.option("--model", "model_spec", help="Base model: minilm, smollm2 or a local folder (default: the run's own).")
 @click.option("--data", help="rotten-tomatoes, a .csv/.jsonl with text and label, or a .txt/.jsonl text file for loss "
                              "(default: the run's own data and held-out split).")
-@click.option("--metric", type=click.Choice(["accuracy", "loss", "perplexity"]), default="accuracy", show_default=True,
-              help="accuracy on labelled data; loss (cross-entropy, nats per token for a causal LM on a text file) "
-                   "or perplexity (exp of that loss). Lower is better for the last two.")
+@click.option("--metric", type=click.Choice(["accuracy", "exact_match", "loss", "perplexity"]),
+              help="accuracy on labelled data (default); exact_match of the final answer by greedy generation (default "
+                   "for a `beamlora train --task sft` run); loss (cross-entropy, nats per token: a causal LM on a text "
+                   "file, or an sft run's response tokens) or perplexity (exp of that loss). Lower is better for the "
+                   "last two.")
 @click.option("--fractions", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", show_default=True,
               help="Fractions of each module's ranks to prune.")
 @click.option("--order", "orders", default="least,most,random", show_default=True,
@@ -295,7 +297,7 @@ def _fractions(text: str) -> list[float]:
               help="Folder for sweep.json, sweep.csv and sweep.png.")
 @click.option("--json", "json_target", metavar="FILE|-", help="Also write the sweep JSON to FILE, or to stdout with '-'.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over points (default: when stderr is a terminal).")
-def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str, fractions: str, orders: str,
+def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str | None, fractions: str, orders: str,
           spectral: bool, energies: str, seeds: int, step: int | None, examples: int | None, out_dir: Path,
           json_target: str | None,
           progress: bool | None) -> None:

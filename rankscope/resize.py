@@ -360,7 +360,7 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
 
 
 def validate(original: Checkpoint, resized: str | os.PathLike, model_spec: str | None = None, data: str | None = None,
-             metric: str = "accuracy", examples: int | None = None, run_config: dict | None = None) -> dict[str, Any]:
+             metric: str | None = None, examples: int | None = None, run_config: dict | None = None) -> dict[str, Any]:
     """The task metric of the original and of the resized adapter, on the same examples (``rankscope sweep``'s tasks).
 
     A ``beamlora train`` run supplies its own model, data and held-out split through ``run_config``.
@@ -372,7 +372,7 @@ def validate(original: Checkpoint, resized: str | os.PathLike, model_spec: str |
     for checkpoint in (original, load_checkpoint(Path(resized) / original.path.name)):
         task = build_task(checkpoint, model_spec, data, metric, examples, run_config)
         values.append(float(task.evaluate(task.model)))
-        description = task.description
+        description, metric = task.description, task.metric
         del task  # one model in memory at a time
     return {"metric": metric, "before": values[0], "after": values[1], "description": description}
 

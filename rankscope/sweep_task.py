@@ -1,9 +1,11 @@
 """The evaluations behind ``rankscope sweep``: a base model with the adapter loaded, and a metric.
 
 Built-in tasks: held-out accuracy (or loss) on the classification default (MiniLM, SmolLM2 as a
-causal LM with label words, or a local model), and loss / perplexity of a causal LM on a text
-or JSONL file. For a ``beamlora train`` run folder, the model, data and held-out split default to
-the ones the run used, so the sweep evaluates on exactly the examples training never saw.
+causal LM with label words, or a local model), loss / perplexity of a causal LM on a text
+or JSONL file, and for instruction tuning (``beamlora train --task sft``) exact match of the final
+answer by greedy generation or loss / perplexity on the response tokens. For a ``beamlora train``
+run folder, the model, data and held-out split default to the ones the run used, so the sweep
+evaluates on exactly the examples training never saw.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable
 from .errors import RankscopeError
 from .loading import Checkpoint
 
-METRICS = ("accuracy", "loss", "perplexity")
+METRICS = ("accuracy", "exact_match", "loss", "perplexity")
 
 
 @dataclass
@@ -113,10 +115,28 @@ def causal_lm_loss(model: Any, tokenizer: Any, texts: list[str], max_length: int
     return total / count
 
 
-def build_task(checkpoint: Checkpoint, model_spec: str | None, data: str | None, metric: str,
+def default_metric(run_config: dict[str, Any] | None) -> str:
+    """exact_match for an instruction-tuning run, accuracy otherwise."""
+    return "exact_match" if (run_config or {}).get("task") == "sft" else "accuracy"
+
+
+def _with_adapter(base: Any, checkpoint: Checkpoint, model_spec: str) -> Any:
+    """``base`` with the checkpoint's adapter loaded by PEFT, in eval mode."""
+    check_fits(base, checkpoint)
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(base, str(checkpoint.path.parent))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise RankscopeError(f"the adapter does not load onto {model_spec}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def build_task(checkpoint: Checkpoint, model_spec: str | None, data: str | None, metric: str | None,
                examples: int | None, run_config: dict[str, Any] | None) -> SweepTask:
-    """Load the base model, put the adapter on it, and choose the evaluation."""
+    """Load the base model, put the adapter on it, and choose the evaluation (``metric`` None: the run's own)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    metric = metric or default_metric(run_config)
     if metric not in METRICS:
         raise RankscopeError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
     if checkpoint.format != "peft":
@@ -126,6 +146,8 @@ def build_task(checkpoint: Checkpoint, model_spec: str | None, data: str | None,
     model_spec = model_spec or run_config.get("model")
     if not model_spec:
         raise RankscopeError("no base model: pass --model minilm|smollm2|FOLDER (the adapter's run has no config.json)")
+    if run_config.get("task") == "sft" or metric == "exact_match":
+        return _sft_task(checkpoint, model_spec, data, metric, examples, run_config)
     data = data or run_config.get("data") or "rotten-tomatoes"
 
     from beamlora import models
@@ -157,14 +179,7 @@ def build_task(checkpoint: Checkpoint, model_spec: str | None, data: str | None,
         base, tokenizer = _beamlora_error(models.load_classifier, model_spec, len(labelled.label_names))
     else:
         base, tokenizer = _beamlora_error(models.load_causal_lm, model_spec)
-    check_fits(base, checkpoint)
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(base, str(checkpoint.path.parent))
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise RankscopeError(f"the adapter does not load onto {model_spec}: {str(e).splitlines()[0]}") from None
-    model.eval()
+    model = _with_adapter(base, checkpoint, model_spec)
     max_length = int(run_config.get("max_length", 64 if task == "classification" else 256))
 
     if text_file is not None:
@@ -190,3 +205,47 @@ def build_task(checkpoint: Checkpoint, model_spec: str | None, data: str | None,
                                  "or .jsonl text file as --data, or use --metric accuracy")
         evaluate = lambda m: models.causal_accuracy(m, tokenizer, labelled, max_length=max_length)  # noqa: E731
     return SweepTask(model, evaluate, metric, metric == "accuracy", what)
+
+
+def _sft_task(checkpoint: Checkpoint, model_spec: str, data: str | None, metric: str, examples: int | None,
+              run_config: dict[str, Any]) -> SweepTask:
+    """Exact match, or loss / perplexity on the response tokens, of prompt / response examples.
+
+    For a ``beamlora train --task sft`` run, the run's own held-out split (same data, size and
+    seed), tokenised with its ``max_length`` as during training.
+    """
+    from beamlora import models, sft
+    from beamlora.sft_data import load_sft_data, read_jsonl
+    from beamlora.train import TASK_DEFAULTS
+
+    if metric == "accuracy":
+        raise RankscopeError("an instruction-tuning (sft) adapter has no accuracy: expected --metric exact_match, "
+                             "loss or perplexity")
+    sft_run = run_config.get("task") == "sft"
+    data = data or (run_config.get("data") if sft_run else None)
+    if not data:
+        raise RankscopeError("exact match needs prompt/response data: pass --data arithmetic or a .jsonl of "
+                             "prompt/response or messages lines")
+    if sft_run and data == run_config.get("data"):
+        held = _beamlora_error(load_sft_data, data, int(run_config["held_out"]), int(run_config.get("seed", 0))).held_out
+        what = f"held-out examples of {data}"
+    elif data.strip().lower() == "arithmetic":
+        held = _beamlora_error(load_sft_data, data, examples or TASK_DEFAULTS["sft"]["held_out"], 0).held_out
+        what = "held-out arithmetic problems"
+    else:
+        held = _beamlora_error(read_jsonl, data)
+        what = f"examples of {data}"
+    held = held[: examples or None]
+    base, tokenizer = _beamlora_error(models.load_causal_lm, model_spec)
+    model = _with_adapter(base, checkpoint, model_spec)
+    max_length = int(run_config.get("max_length") or TASK_DEFAULTS["sft"]["max_length"])
+    encoded = _beamlora_error(sft.encode_all, held, tokenizer, max_length)
+    if metric == "exact_match":
+        if not sft.answerable(encoded):
+            raise RankscopeError(f"{data}: no response ends with a '#### answer' line, so exact match is undefined; "
+                                 "expected GSM8K-style answers, or use --metric loss")
+        evaluate = lambda m: sft.exact_match_rate(m, tokenizer, encoded, progress=False)  # noqa: E731
+        return SweepTask(model, evaluate, metric, True, f"exact match on {len(sft.answerable(encoded))} {what}")
+    loss = lambda m: sft.mean_loss(m, tokenizer, encoded, progress=False)  # noqa: E731
+    evaluate = loss if metric == "loss" else (lambda m: math.exp(min(loss(m), 700.0)))
+    return SweepTask(model, evaluate, metric, False, f"{metric} on the responses of {len(encoded)} {what}")

@@ -327,7 +327,7 @@ class SweepResult:
     def _cost(self, value: float) -> str:
         """How much worse ``value`` is than the baseline, in points for accuracies."""
         worse = (self.baseline - value) if self.higher_is_better else (value - self.baseline)
-        if self.metric == "accuracy" and -1e-9 <= self.baseline <= 1 + 1e-9:
+        if self.metric in ("accuracy", "exact_match") and -1e-9 <= self.baseline <= 1 + 1e-9:
             return f"{_fmt(worse * 100)} points"
         return f"{_fmt(worse)}"
 
