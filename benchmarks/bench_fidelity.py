@@ -74,6 +74,7 @@ class Task:
     steps: int | None  # None: whatever TrainConfig gives for these fields
     quick: dict[str, Any] = field(default_factory=dict)
     requires: str | None = None  # a TrainConfig field without which the task cannot run
+    evals: int = 2  # held-out evaluations during the run (the last at the end): sft's generation is slow
 
 
 EPOCH_STEPS = math.ceil((12752 - 1000) / 16)  # Rotten Tomatoes less the 1,000 held out, batch 16: 735
@@ -82,21 +83,22 @@ TASKS = {
                            quick={"steps": 12, "batch_size": 8, "held_out": 64, "max_length": 32}),
     "sft": Task("sft", {"task": "sft", "model": "smollm2", "data": "arithmetic"}, ("lora", "beamlora"),
                 ("exact_match", "loss"), None, quick={"steps": 6, "batch_size": 4, "held_out": 16},
-                requires="task"),
+                requires="task", evals=1),
 }
 
 
 # ----------------------------------------------------------------------------- planning
 
 
-def schedule(steps: int) -> dict[str, int]:
+def schedule(steps: int, evals: int = 2) -> dict[str, int]:
     """Δt = ⌈end_step / 6⌉: five operations strictly before end_step (fewer in a very short run), by the
-    trainer's own rules; the demo's nine snapshots; held-out metrics at half time and at the end."""
+    trainer's own rules; the demo's nine snapshots; ``evals`` held-out evaluations evenly spaced, the last
+    at the end (two: at half time and at the end)."""
     from beamlora.selection import MIN_DELTA_T, default_end_step
 
     delta_t = max(MIN_DELTA_T, math.ceil(default_end_step(steps) / (OPERATIONS + 1)))
     return {"delta_t": delta_t, "snapshot_every": max(1, round(steps / DEMO_SNAPSHOTS)),
-            "eval_every": max(1, math.ceil(steps / 2))}
+            "eval_every": max(1, math.ceil(steps / evals))}
 
 
 @dataclass
@@ -144,7 +146,7 @@ def plan(tasks: list[str], methods: list[str] | None, seeds: list[int], steps: i
             continue
         fields = {**task.fields, **(task.quick if quick else {})}
         n_steps = steps or fields.get("steps") or task.steps or TrainConfig(**fields).steps
-        fields.update(steps=n_steps, **schedule(n_steps))
+        fields.update(steps=n_steps, **schedule(n_steps, task.evals))
         for method in methods or task.methods:
             for seed in seeds:
                 out = cache / "runs" / name / method / f"seed-{seed}"
