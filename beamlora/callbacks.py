@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -39,6 +40,7 @@ class BeamLoraCallback(TrainerCallback):
             raise BeamLoraError(f"resuming at step {state.global_step} but {saved} is missing; expected the "
                                 "beamlora_state.pt that BeamLoraCallback writes into every Trainer checkpoint")
         self.controller.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+        self.controller.write_events()  # events a killed run wrote after this checkpoint are not this run's
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.controller.step(kwargs["optimizer"])
@@ -70,3 +72,38 @@ class SnapshotCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.global_step % self.every == 0 and is_main_process():
             write_adapter(kwargs["model"], snapshot_dir(self.output_dir, state.global_step))
+
+
+class StopOnRequest(TrainerCallback):
+    """Ends training at the end of the step once a stop was requested (SIGINT / SIGTERM), with a checkpoint."""
+
+    def __init__(self, request: Any, checkpoint: bool = True):
+        self.request = request
+        self.checkpoint = checkpoint
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.request.signum is not None:
+            control.should_save = self.checkpoint
+            control.should_training_stop = True
+
+
+class CheckpointMarker(TrainerCallback):
+    """Completes each Trainer checkpoint: ``extra()`` files (JSON), then ``complete.json`` last, then drops
+    the older checkpoints. Register it after every callback that writes into checkpoints (BeamLoraCallback)."""
+
+    def __init__(self, run_dir: str | os.PathLike, extra: Callable[[], dict[str, Any]]):
+        self.run_dir = Path(run_dir)
+        self.extra = extra
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        from rankscope.atomic import write_json
+
+        from .runfolder import COMPLETE, prune_checkpoints
+
+        if not is_main_process():
+            return
+        folder = _checkpoint_dir(args, state)
+        for name, value in self.extra().items():
+            write_json(folder / name, value)
+        write_json(folder / COMPLETE, {"step": state.global_step})
+        prune_checkpoints(self.run_dir, keep=folder)

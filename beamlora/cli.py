@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -68,12 +69,19 @@ def _task_default(name: str) -> str:
               help=f"Seed of the split, the initialisation, the data order and the random ablation (0 … {MAX_SEED}).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=DEFAULTS.out, show_default=True,
               help="Run folder: snapshots, events.jsonl, metrics.jsonl, config.json, final/.")
-@click.option("--overwrite", is_flag=True, help="Replace RUN_DIR if it exists.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0),
+              help="Steps between the checkpoints --resume continues from (default: at each snapshot; 0: none).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the beamlora run in RUN_DIR, once the new run has finished (a failed or killed rerun "
+                   "leaves the old one as it was). A folder that holds no beamlora run is refused, never deleted.")
+@click.option("--resume", is_flag=True,
+              help="Continue the killed run in RUN_DIR from its last complete checkpoint (the same options).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def train(task: str, model: str | None, data: str | None, method: str, rank: int | None, alpha: float | None,
           targets: str | None, steps: int | None, batch_size: int | None, lr: float | None, max_length: int | None,
           p_init: float, delta_t: int | None, ablation: str, snapshot_every: int, trace_every: int, eval_every: int,
-          held_out: int | None, seed: int, out: Path, overwrite: bool, progress: bool) -> None:
+          held_out: int | None, seed: int, out: Path, checkpoint_every: int | None, overwrite: bool, resume: bool,
+          progress: bool) -> None:
     """Train a LoRA or BeamLoRA adapter and report held-out accuracy (sft: loss and exact match).
 
     With no options: MiniLM (all-MiniLM-L6-v2) sequence classification on Rotten Tomatoes
@@ -88,8 +96,9 @@ def train(task: str, model: str | None, data: str | None, method: str, rank: int
                          targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                          steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, p_init=p_init,
                          delta_t=delta_t, ablation=ablation, snapshot_every=snapshot_every or None, eval_every=eval_every or None,
-                         held_out=held_out, trace_every=trace_every or None, seed=seed, out=str(out))
-    result = run_training(config, overwrite=overwrite, progress=progress)
+                         held_out=held_out, trace_every=trace_every or None, seed=seed, out=str(out),
+                         checkpoint_every=checkpoint_every)
+    result = run_training(config, overwrite=overwrite, progress=progress, resume=resume)
     events = f", {result.events} BeamLoRA events" if method == "beamlora" else ""
     if ablation != "none":
         events += f" (ablation {ablation})"
@@ -123,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     from rankscope.errors import RankscopeError
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's business
+    # SIGTERM (what schedulers send) ends like Ctrl-C: one line; during training it first writes a checkpoint.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     run(cli, "beamlora", argv, (BeamLoraError, RankscopeError))
 
 

@@ -186,7 +186,7 @@ class BeamLoraController:
                            "ablation": ablation})
         self.history = None  # the next operation expands from a fresh snapshot
         self.events.extend(events)
-        self._write_events()
+        self.write_events()
         return events
 
     def _live(self, layer: ScoredLayer) -> np.ndarray:
@@ -248,7 +248,7 @@ class BeamLoraController:
 
     # ------------------------------------------------------------------ files
 
-    def _write_events(self) -> None:
+    def write_events(self) -> None:
         if self.config.output_dir and is_main_process():
             lines = "".join(json.dumps(event, allow_nan=False) + "\n" for event in self.events)
             write_text(Path(self.config.output_dir) / EVENTS_FILE, lines)

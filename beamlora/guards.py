@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import BeamLoraConfig
 from .errors import BeamLoraError
@@ -33,11 +33,12 @@ def check_metrics(record: dict[str, Any], step: int, run_dir: str | Path) -> Non
             raise _diverged(f"held-out {key}", value, step, run_dir)
 
 
-def guard_loss(trainer: Any, run_dir: str | Path) -> None:
+def guard_loss(trainer: Any, run_dir: str | Path, on_loss: Callable[[float], None] | None = None) -> None:
     """Make ``trainer`` stop with :class:`NonFiniteError` at the first non-finite training loss.
 
     Trainer itself would go on (its ``logging_nan_inf_filter`` hides such losses from the logs);
-    the check runs before the optimizer step, so the weights stay finite.
+    the check runs before the optimizer step, so the weights stay finite. ``on_loss`` receives every
+    finite training-step loss.
     """
     training_step = trainer.training_step
 
@@ -46,6 +47,8 @@ def guard_loss(trainer: Any, run_dir: str | Path) -> None:
         value = float(loss)
         if not math.isfinite(value):
             raise _diverged("the training loss", value, trainer.state.global_step + 1, run_dir)
+        if on_loss is not None:
+            on_loss(value)
         return loss
 
     trainer.training_step = checked

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,8 @@ class TrainConfig:
         seed: an integer in 0 … 2**32 − 1 (what numpy and transformers' set_seed accept).
         max_length: tokens per training sequence (sft: prompt and response together).
         eval_every / snapshot_every: steps between held-out evaluations / adapter snapshots.
+        checkpoint_every: steps between the checkpoints a killed run resumes from (``--resume``); None:
+            at each snapshot (or every tenth of the run without snapshots); 0: none.
         trace_every: steps between rank-trace records (``rank_trace.jsonl``: importances and spectra,
             read by ``rankscope analyze`` as the dense time axis); None: no trace.
     """
@@ -83,6 +84,7 @@ class TrainConfig:
     snapshot_every: int | None = 50
     eval_every: int | None = 100
     trace_every: int | None = 10
+    checkpoint_every: int | None = None
     seed: int = 0
     held_out: int | None = None
     max_length: int | None = None
@@ -240,15 +242,6 @@ def classification_metrics(model: Any, encoded: _Encoded, collate: Callable, bat
 # ----------------------------------------------------------------------------- the run
 
 
-def _prepare_run_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise BeamLoraError(f"{path} already exists and is not empty; expected a new run folder "
-                                "(or pass --overwrite)")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-
-
 def _versions() -> dict[str, str]:
     import peft
     import torch
@@ -298,17 +291,41 @@ def _classification_parts(config: TrainConfig) -> TaskParts:
 
 
 def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] = _log_line) -> RunResult:
+          log: Callable[[str], None] = _log_line, resume: bool = False) -> RunResult:
     """Run one training job into ``config.out`` and return its held-out result.
 
+    ``overwrite`` replaces an earlier beamlora run there, once this one has finished; ``resume``
+    continues a killed run from its last complete checkpoint (see :mod:`beamlora.runfolder`).
     Warnings (settings that do nothing) go to ``log`` as ``Warning: ...`` lines. A training loss or
     held-out metric that becomes NaN or infinite stops the run with ``guards.NonFiniteError``
-    naming the step; the snapshots written so far stay.
+    naming the step; the snapshots written so far stay. SIGINT or SIGTERM stops it after writing a
+    checkpoint (:class:`beamlora.runfolder.Interrupted`).
     """
-    from .guards import check_metrics, guard_loss, schedule_warning, width_warning
+    from .guards import schedule_warning
+    from .runfolder import RunFolder
 
     if config.method == "beamlora" and (warning := schedule_warning(config.beamlora_config(None))):
         log(warning)
+    folder = RunFolder.open(config.out, overwrite=overwrite, resume=resume)
+    try:
+        for note in folder.notes:
+            log(note)
+        result = _train_in(folder, config, progress, log)
+        folder.finish()
+        result.run_dir = folder.path
+        return result
+    except BaseException:
+        folder.abandon()
+        raise
+    finally:
+        folder.close()
+
+
+def _train_in(folder: Any, config: TrainConfig, progress: bool, log: Callable[[str], None]) -> RunResult:
+    """The run itself, written into ``folder.work``."""
+    from .guards import check_metrics, guard_loss, width_warning
+    from .runfolder import CHECKPOINTS, HELD_OUT_STATE, Interrupted, signal_name, stop_on_signals
+
     if config.task == "sft":
         from .sft_task import sft_parts
 
@@ -321,7 +338,7 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from . import models
-    from .callbacks import BeamLoraCallback, SnapshotCallback
+    from .callbacks import BeamLoraCallback, CheckpointMarker, SnapshotCallback, StopOnRequest
     from .snapshots import write_adapter
 
     model, tokenizer, evaluate = parts.model, parts.tokenizer, parts.evaluate
@@ -335,10 +352,12 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     if warning := width_warning(model, config.rank):
         log(warning)
 
-    run_dir = Path(config.out)
-    _prepare_run_dir(run_dir, overwrite)
-    write_json(run_dir / "config.json", {**dataclasses.asdict(config), "targets": targets, **parts.record,
-                                         "versions": _versions()})
+    run_dir = folder.work
+    record = {**dataclasses.asdict(config), "targets": targets, **parts.record}
+    if folder.resume_from is None and not (run_dir / "config.json").is_file():
+        write_json(run_dir / "config.json", {**record, "versions": _versions()})
+    else:
+        folder.check_same_run(record, [f.name for f in dataclasses.fields(TrainConfig)])
 
     callbacks: list[Any] = []
     controller = None
@@ -357,14 +376,20 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     metrics: list[dict[str, Any]] = []
 
     class HeldOut(TrainerCallback):
-        """Held-out metrics every eval_every steps and at the end, appended to metrics.jsonl."""
+        """Held-out metrics every eval_every steps and at the end, appended to metrics.jsonl, with the mean
+        training-step loss since the previous evaluation; its state (the metrics so far, the losses since
+        the last evaluation) goes into every checkpoint, so a resumed run writes the same numbers."""
 
         def __init__(self):
             self.losses: list[float] = []
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
+        def state(self) -> dict[str, Any]:
+            return {"metrics": metrics, "losses": self.losses}
+
+        def restore(self, saved: dict[str, Any]) -> None:
+            metrics[:] = saved["metrics"]
+            self.losses = list(saved["losses"])
+            self.write()
 
         def on_train_begin(self, args, state, control, **kwargs):
             if parts.eval_at_start and state.global_step == 0:
@@ -381,24 +406,36 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
                 self.losses = []
             check_metrics(record, step, run_dir)
             metrics.append(record)
-            write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
+            self.write()
             log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
-    callbacks.append(HeldOut())
-    args = TrainingArguments(
-        output_dir=str(run_dir / "trainer"), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-        seed=config.seed, data_seed=config.seed, save_strategy="no", logging_steps=max(1, min(10, config.steps // 10)),
-        report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=parts.train_data, data_collator=parts.collate,
-                      callbacks=callbacks)
-    _quiet_logs(trainer, progress)
-    guard_loss(trainer, run_dir)
-    try:
-        trainer.train()
-    finally:
-        shutil.rmtree(run_dir / "trainer", ignore_errors=True)  # nothing is saved there without checkpoints
+        def write(self) -> None:
+            write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
+
+    held_out = HeldOut()
+    if folder.resume_from is not None:
+        held_out.restore(json.loads((folder.resume_from / HELD_OUT_STATE).read_text()))
+    every = config.checkpoint_every if config.checkpoint_every is not None else (
+        config.snapshot_every or max(1, config.steps // 10))
+    with stop_on_signals() as stop:
+        callbacks += [held_out, StopOnRequest(stop, checkpoint=bool(every)),
+                      CheckpointMarker(run_dir, lambda: {HELD_OUT_STATE: held_out.state()})]
+        args = TrainingArguments(
+            output_dir=str(run_dir / CHECKPOINTS), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+            learning_rate=config.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+            seed=config.seed, data_seed=config.seed, save_strategy="steps" if every else "no", save_steps=every or None,
+            logging_steps=max(1, min(10, config.steps // 10)), report_to=[], disable_tqdm=not progress,
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=parts.train_data, data_collator=parts.collate,
+                          callbacks=callbacks)
+        _quiet_logs(trainer, progress)
+        guard_loss(trainer, run_dir, on_loss=lambda value: held_out.losses.append(value))
+        trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
+    if stop.signum is not None:
+        where = ("a checkpoint was written: continue with the same command and --resume" if every
+                 else "no checkpoint (--checkpoint-every 0)")
+        raise Interrupted(f"interrupted by {signal_name(stop.signum)} at step {trainer.state.global_step}; {where}",
+                          stop.signum)
 
     if controller is not None:
         controller.export(run_dir / "final")

@@ -345,7 +345,7 @@ def run(group: click.Group, prog_name: str, argv: list[str] | None, errors: tupl
         sys.exit(e.exit_code)
     except errors as e:
         click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # an interrupted training run: 128 + the signal
     except ImportError as e:  # an optional part (plots, models) is not installed
         click.echo(f"Error: {e}; expected it installed (`make setup` or pip install -e .)", err=True)
         sys.exit(2)

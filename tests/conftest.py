@@ -1,6 +1,8 @@
 """Shared test set-up: one torch thread per pytest worker, and where the real fixtures live."""
 
+import csv
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,38 @@ def real_fixtures() -> Path:
     # The real checkpoints live beside the repository (../shared), in CI as here; they are read in place.
     assert REAL_FIXTURES.is_dir(), f"real fixtures not found at {REAL_FIXTURES}"
     return REAL_FIXTURES
+
+
+TINY_WIDTH = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT of width 32 (random weights) with MiniLM's tokenizer, saved as a local folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from beamlora.models import model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(hidden_size=TINY_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=48, num_labels=2)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_path("minilm")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """200 short reviews whose label is the sentiment word they contain."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    fillers = ["the plot", "the cast", "this film", "the ending", "the score", "its pacing"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(200):
+            good = i % 2 == 0
+            word = rng.choice(["great", "wonderful", "superb"] if good else ["awful", "dull", "terrible"])
+            writer.writerow([f"{rng.choice(fillers)} was {word} {i}", "pos" if good else "neg"])
+    return path

@@ -3,10 +3,8 @@ run naming the step, and runs the ablations through Trainer (a tiny BERT from a 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -15,38 +13,7 @@ from beamlora import cli
 from beamlora.errors import BeamLoraError
 from beamlora.train import TrainConfig, train
 
-WIDTH = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 2-layer BERT of width 32 (random weights) with MiniLM's tokenizer, saved as a local folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from beamlora.models import model_path
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=48, num_labels=2)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_path("minilm")).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """200 short reviews whose label is the sentiment word they contain."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    fillers = ["the plot", "the cast", "this film", "the ending", "the score", "its pacing"]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for i in range(200):
-            good = i % 2 == 0
-            word = rng.choice(["great", "wonderful", "superb"] if good else ["awful", "dull", "terrible"])
-            writer.writerow([f"{rng.choice(fillers)} was {word} {i}", "pos" if good else "neg"])
-    return path
+from conftest import TINY_WIDTH as WIDTH
 
 
 def quick(tiny_model, small_data, tmp_path, **overrides) -> TrainConfig:
