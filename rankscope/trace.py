@@ -84,7 +84,9 @@ def append_record(path: str | os.PathLike, text: str) -> None:
 
 
 def is_trace_file(path: str | os.PathLike) -> bool:
-    """A file that starts like a rank trace record (whatever its name)."""
+    """A regular file that starts like a rank trace record (whatever its name); never opens a FIFO or device."""
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(len(_PREFIX)) == _PREFIX
