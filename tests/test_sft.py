@@ -365,7 +365,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_sft_run_learns_and_leaves_a_complete_run_folder(tiny_run):
     run, folder, done = tiny_run
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "events.jsonl", "final", "generations.jsonl",
-                                                    "metrics.jsonl", "step-000030", "step-000060"]
+                                                    "metrics.jsonl", "rank_trace.jsonl", "step-000030", "step-000060"]
     assert "note: the tokenizer has no pad token: padding with its EOS token '<|im_end|>'" in done.stderr
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 30, 60]
@@ -415,7 +415,8 @@ def test_rankscope_reads_and_sweeps_an_sft_run(tiny_run, tmp_path):
 
     run, _, _ = tiny_run
     document = rankscope.analyze(run)
-    assert document["layout"] == "beamlora-run" and [s["step"] for s in document["snapshots"]] == [30, 60]
+    # The rank trace (every 10 steps) is the time axis; the snapshot folders serve the sweeps below.
+    assert document["layout"] == "trace" and [s["step"] for s in document["snapshots"]] == [10, 20, 30, 40, 50, 60]
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for metric, expected in ((None, ("exact_match", final["exact_match"])), ("loss", ("loss", final["loss"]))):
         args = ["sweep", str(run), "--fractions", "0,1", "--order", "least", "--no-spectral", "--out",
