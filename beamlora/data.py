@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -63,6 +63,18 @@ def _from_rows(rows: list[dict], columns: list[str], source: str) -> TextDataset
     return TextDataset(texts, [index[r] for r in raw], names)
 
 
+def json_lines(handle: Iterable[str], source: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a .jsonl file; a line that is not JSON is an error."""
+    for n, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BeamLoraError(f"{source}: line {n} is not JSON ({e.msg}), expected one object a line") from None
+        yield n, value
+
+
 def _label_sort_key(name: str) -> tuple:
     # Integer labels sort numerically (so 2 < 10), names alphabetically.
     try:
@@ -95,13 +107,7 @@ def load_file(path: str | Path) -> TextDataset:
         rows: list[dict] = []
         columns: dict[str, None] = {}
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BeamLoraError(f"{path}: line {n} is not JSON ({e.msg}), expected one object a line")
+            for n, obj in json_lines(f, path):
                 if not isinstance(obj, dict):
                     raise BeamLoraError(f"{path}: line {n} is a {type(obj).__name__}, expected a JSON object")
                 rows.append(obj)

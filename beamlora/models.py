@@ -189,15 +189,20 @@ def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> 
     return model, tokenizer
 
 
-def load_tokenizer(spec: str | os.PathLike) -> tuple[Any, str | None]:
-    """(tokenizer, note): the note says so when the tokenizer had no pad token and EOS now pads."""
+def _from_pretrained(spec: str | os.PathLike, auto_class: str, what: str) -> tuple[str, Any]:
+    """(local path, ``transformers.<auto_class>.from_pretrained(path)``), offline; a failure is one error line."""
     _offline(spec)
     path = model_path(spec)
     transformers = _require("transformers", "pip install -e .")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        return path, getattr(transformers, auto_class).from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise BeamLoraError(f"model {path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise BeamLoraError(f"model {path}: cannot {what} ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(spec: str | os.PathLike) -> tuple[Any, str | None]:
+    """(tokenizer, note): the note says so when the tokenizer had no pad token and EOS now pads."""
+    path, tokenizer = _from_pretrained(spec, "AutoTokenizer", "load its tokenizer")
     note = None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -210,13 +215,7 @@ def load_tokenizer(spec: str | os.PathLike) -> tuple[Any, str | None]:
 
 def check_causal_lm(spec: str | os.PathLike) -> None:
     """Refuse, from config.json alone, a model whose trained head is not a language-model head."""
-    _offline(spec)
-    path = model_path(spec)
-    transformers = _require("transformers", "pip install -e .")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise BeamLoraError(f"model {path}: cannot read its config ({str(e).splitlines()[0]})") from None
+    path, config = _from_pretrained(spec, "AutoConfig", "read its config")
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith(_CAUSAL_HEADS) for a in architectures):
         raise BeamLoraError(f"model {path} is a {', '.join(architectures)} (config.json), expected a causal LM "

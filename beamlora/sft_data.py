@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .arithmetic import ARITHMETIC, SYSTEM, TRAIN_SIZE, generate
-from .data import split_indices
+from .data import json_lines, split_indices
 from .errors import BeamLoraError
 
 _RESPONSE_KEYS = ("response", "completion")
@@ -91,13 +91,7 @@ def read_jsonl(path: str | Path) -> list[SftExample]:
     examples = []
     try:
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BeamLoraError(f"{path}: line {n} is not JSON ({e.msg}), expected one object a line") from None
+            for n, obj in json_lines(f, path):
                 examples.append(parse_line(obj, f"{path}: line {n}"))
     except (OSError, UnicodeDecodeError) as e:
         raise BeamLoraError(f"{path}: cannot read the file ({type(e).__name__}: {e}), expected a UTF-8 .jsonl") from None

@@ -40,15 +40,7 @@ def plot_sweep(document: dict[str, Any], path: str | os.PathLike, title: str | N
             label += f" (mean, min–max over {seeds} seeds)"
             ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2, lw=0)
         ax.plot(x, mean, style, color=color, label=label, markersize=4)
-    if document.get("baseline") is not None:
-        ax.axhline(document["baseline"], color="grey", lw=0.8, ls=":", label="unpruned")
-    ax.set_xlabel("ranks pruned in every module (%)")
-    ax.set_ylabel(document["metric"] + ("" if document.get("higher_is_better", True) else " (lower is better)"))
-    ax.set_xlim(-2, 102)
-    ax.set_title(title or "Pruning ranks by importance")
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return _finish(fig, ax, document, path, "ranks pruned in every module (%)", title or "Pruning ranks by importance")
 
 
 def plot_compression(document: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
@@ -70,12 +62,17 @@ def plot_compression(document: dict[str, Any], path: str | os.PathLike, title: s
                 label="each module keeps f of its energy")
         for x, y, f in energy:
             ax.annotate(f"f={f:g}", (x * 100, y), textcoords="offset points", xytext=(4, -11), fontsize=7, color="C4")
+    return _finish(fig, ax, document, path, "LoRA parameters kept (%)", title or "How small can the adapter get?")
+
+
+def _finish(fig: Any, ax: Any, document: dict[str, Any], path: str | os.PathLike, xlabel: str, title: str) -> Path:
+    """The unpruned baseline, axes labels on a 0–100% x axis, legend and grid; then save."""
     if document.get("baseline") is not None:
         ax.axhline(document["baseline"], color="grey", lw=0.8, ls=":", label="unpruned")
-    ax.set_xlabel("LoRA parameters kept (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(document["metric"] + ("" if document.get("higher_is_better", True) else " (lower is better)"))
     ax.set_xlim(-2, 102)
-    ax.set_title(title or "How small can the adapter get?")
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
