@@ -225,7 +225,7 @@ def progress_bar(total: int, enabled: bool | None, description: str, unit: str):
 
 
 @contextmanager
-def _one_blas_thread() -> Iterator[None]:
+def one_blas_thread() -> Iterator[None]:
     """Run numpy's BLAS on one thread meanwhile.
 
     The work here is r×r factorisations and n×r products: too small to share out, and BLAS
@@ -251,13 +251,13 @@ def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool =
     if traced:  # recorded while training: the dense time axis, nothing to load (snapshot folders stay for sweeps)
         from .trace import trace_snapshots
 
-        with _one_blas_thread():
+        with one_blas_thread():
             snapshots = trace_snapshots(found.trace, spectrum, last_only, progress)
     else:
         refs = found.snapshots if isinstance(found, Series) else [found]
         refs = refs[-1:] if last_only else refs
         snapshots = []
-        with progress_bar(len(refs), progress, "analysing snapshots", "snapshot") as bar, _one_blas_thread():
+        with progress_bar(len(refs), progress, "analysing snapshots", "snapshot") as bar, one_blas_thread():
             for ref in refs:
                 snapshots.append(analyze_checkpoint(ref.load(), spectrum))
                 bar.update(1)

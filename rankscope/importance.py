@@ -49,14 +49,29 @@ def _r_factor(X: np.ndarray) -> np.ndarray:
     """
     if X.shape[0] < X.shape[1]:
         return np.linalg.qr(X, mode="r")
-    gram = X.T @ X
-    eigenvalues, vectors = np.linalg.eigh(gram)
+    eigenvalues, vectors = np.linalg.eigh(X.T @ X)
     top = eigenvalues[-1]
     if not top > 0:
         return np.zeros((X.shape[1], X.shape[1]))
     if not eigenvalues[0] * _GRAM_MAX_CONDITION > top:  # also catches NaN
         return np.linalg.qr(X, mode="r")
     return np.sqrt(eigenvalues)[:, None] * vectors.T
+
+
+def _basis(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(Y, M, R)`` with ``X = Q R`` and ``Q = Y M`` orthonormal, for a tall (n, r) float64 ``X``.
+
+    Where the Gram matrix is accurate (as in :func:`_r_factor`) ``(X, R⁻¹, R)``, so ``Y @ (M @ …)``
+    never forms Q (seven times faster than Householder QR on one thread for 11008×64); else
+    Householder QR ``(Q, I, R)``.
+    """
+    if X.shape[0] >= X.shape[1]:
+        eigenvalues, vectors = np.linalg.eigh(X.T @ X)
+        if eigenvalues[0] * _GRAM_MAX_CONDITION > eigenvalues[-1] > 0:
+            root = np.sqrt(eigenvalues)
+            return X, vectors / root, root[:, None] * vectors.T
+    q, r = np.linalg.qr(X)
+    return q, np.eye(r.shape[0]), r
 
 
 def update_spectrum(A: np.ndarray, B: np.ndarray, scale: float = 1.0, coefficients: np.ndarray | None = None) -> np.ndarray:
@@ -81,20 +96,21 @@ def truncated_factors(A: np.ndarray, B: np.ndarray, keep: int,
                       coefficients: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A', B', σ): the best rank-``keep`` approximation of ``B diag(c) A`` as ``B' A'`` (Eckart–Young).
 
-    From ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (Householder QR) and the r×r SVD ``R_B R_Aᵀ = U Σ Vᵀ``:
-    ``B' = Q_B U_k Σ_k^½`` (out, k) and ``A' = Σ_k^½ V_kᵀ Q_Aᵀ`` (k, in), the singular values split
-    evenly between them; σ holds all r of them, largest first. Nothing d×k is ever formed. float64.
+    From ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (through the Gram matrices, or Householder QR where they
+    are ill-conditioned: :func:`_basis`) and the r×r SVD ``R_B R_Aᵀ = U Σ Vᵀ``: ``B' = Q_B U_k Σ_k^½``
+    (out, k) and ``A' = Σ_k^½ V_kᵀ Q_Aᵀ`` (k, in), the singular values split evenly between them; σ holds
+    all r of them, largest first. Nothing d×k is ever formed, nor Q itself. float64.
     """
     A64, B64 = _as_f64(A), _as_f64(B)
     if coefficients is not None:
         B64 = B64 * _as_f64(coefficients).reshape(1, -1)
-    q_b, r_b = np.linalg.qr(B64)
-    q_a, r_a = np.linalg.qr(A64.T)
+    y_b, m_b, r_b = _basis(B64)
+    y_a, m_a, r_a = _basis(A64.T)
     u, sigma, vt = np.linalg.svd(r_b @ r_a.T)
     k = max(0, min(keep, sigma.size))
     root = np.sqrt(sigma[:k])
-    B_new = (q_b @ u[:, :k]) * root
-    A_new = (root[:, None] * vt[:k]) @ q_a.T
+    B_new = y_b @ (m_b @ (u[:, :k] * root))
+    A_new = ((root[:, None] * vt[:k]) @ m_a.T) @ y_a.T
     return A_new, B_new, np.pad(sigma, (0, A64.shape[0] - sigma.size))
 
 

@@ -272,7 +272,7 @@ def _on_device(layers: list[LiveLayer], coefficients: list["torch.Tensor | None"
 
 @contextmanager
 def _one_cpu_thread() -> Iterator[None]:
-    """torch on one CPU thread meanwhile (as ``analysis._one_blas_thread``): the work is n×r products and r×r
+    """torch on one CPU thread meanwhile (as ``analysis.one_blas_thread``): the work is n×r products and r×r
     factorisations, too small to share out, and on a busy machine spinning threads made a batch of 64×64
     eigendecompositions 20× slower with two threads than with one."""
     import torch

@@ -24,15 +24,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from . import importance as imp
-from .atomic import atomic_dir, write_bytes, write_json
+from .analysis import analysis_threads, one_blas_thread
+from .atomic import atomic_dir, write_chunks, write_json
 from .errors import RankscopeError
 from .formats import LoraModule
 from .loading import Checkpoint, SCORES_FILE, discover, resolve_adapter
@@ -199,6 +200,26 @@ def _new_factors(module: LoraModule, rule: dict[str, Any]) -> tuple[np.ndarray, 
     return A_new, B_new, k, imp.truncation_error(sigma, k), zero
 
 
+def _all_new_factors(checkpoint: Checkpoint, rule: dict[str, Any]) -> Iterator[tuple]:
+    """:func:`_new_factors` of every module in order, a few modules at a time as ``analyze`` does (numpy
+    releases the GIL; BLAS on one thread each), at most ``2 × threads`` results waiting to be encoded."""
+    threads = analysis_threads()
+    with one_blas_thread():
+        if threads == 1 or len(checkpoint.modules) <= 8:
+            yield from (_new_factors(m, rule) for m in checkpoint.modules)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            pending = deque()
+            for module in checkpoint.modules:
+                pending.append(pool.submit(_new_factors, module, rule))
+                if len(pending) >= 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
 def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | None) -> tuple[
         dict[str, tuple[str, tuple[int, ...], bytes]], list[ResizedModule], dict[str, int], list[str]]:
     """Every tensor of the output file: resized A/B, rescaled alphas, everything else copied as stored."""
@@ -208,8 +229,7 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
     rows, ranks, notes = [], {}, []
     claimed: set[str] = set()
     try:
-        for module in checkpoint.modules:
-            A_new, B_new, k, error, zero = _new_factors(module, rule)
+        for module, (A_new, B_new, k, error, zero) in zip(checkpoint.modules, _all_new_factors(checkpoint, rule)):
             for role, array in (("A", A_new), ("B", B_new)):
                 key = module.keys[role]
                 stored = _stored(array, tf.shape(key), transposed)
@@ -348,7 +368,7 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
         if source.suffix in PICKLE_SUFFIXES:
             _save_pickle(target, tensors)
         else:
-            write_bytes(target, encode_safetensors(tensors, metadata))
+            write_chunks(target, encode_safetensors(tensors, metadata))
         if config is not None:
             write_json(tmp / "adapter_config.json", config)
         if checkpoint.config is not None:  # an adapter folder: its tokenizer and model card come along

@@ -393,10 +393,11 @@ def encode_tensor(array: np.ndarray, dtype: str) -> bytes:
     return np.ascontiguousarray(array, dtype=_SAFETENSORS_DTYPES[dtype][0]).tobytes()
 
 
-def encode_safetensors(tensors: dict[str, tuple[str, tuple[int, ...], bytes]], metadata: dict[str, str] | None = None) -> bytes:
-    """A safetensors file from ``{name: (dtype, shape, raw bytes)}``: a JSON header padded to 8 bytes, then the data.
-
-    Offsets are contiguous in name order, as the official writer lays them out.
+def encode_safetensors(tensors: dict[str, tuple[str, tuple[int, ...], bytes]],
+                       metadata: dict[str, str] | None = None) -> list[bytes]:
+    """A safetensors file from ``{name: (dtype, shape, raw bytes)}`` as the chunks to write in order: the
+    8-byte header length, a JSON header padded to 8 bytes, then each tensor's data (never joined: a resized
+    7B adapter would be held twice). Offsets are contiguous in name order, as the official writer lays them out.
     """
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset, chunks = 0, []
@@ -410,7 +411,7 @@ def encode_safetensors(tensors: dict[str, tuple[str, tuple[int, ...], bytes]], m
         offset += len(data)
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
+    return [len(encoded).to_bytes(8, "little"), encoded, *chunks]
 
 
 def open_tensor_file(path: str | os.PathLike) -> TensorFile:
