@@ -58,6 +58,8 @@ METHODS: dict[str, dict[str, str]] = {
 }
 RANK_MEASURES = ("effective_rank_ratio", "top10_share", "energy95_ratio", "stable_rank_ratio",
                  "spectral_effective_rank_ratio")
+BASELINES = ("lora", "beamlora")  # paired differences: every method to LoRA, the ablations also to BeamLoRA
+BASELINE_NAMES = {"lora": "LoRA", "beamlora": "BeamLoRA"}
 LOWER_IS_BETTER = ("loss", "perplexity", "train_loss")
 OPERATIONS = 5  # "chosen so that about five operations happen" (the paper)
 DEMO_SNAPSHOTS = 9  # the demo: 360 steps, a snapshot every 40
@@ -334,8 +336,9 @@ def paired(differences: list[float], level: float = 0.95) -> dict[str, Any]:
     return out
 
 
-def summarise(results: list[dict[str, Any]], baseline: str = "lora") -> dict[str, Any]:
-    """Per task and method: metrics and rank measures (mean ± sd over seeds); paired differences to LoRA."""
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per task and method: metrics and rank measures (mean ± sd over seeds); paired differences to LoRA
+    (every other method) and to BeamLoRA (the ablations: what switching off one part of it costs)."""
     by_task: dict[str, dict[str, dict[int, dict]]] = {}
     for r in results:
         by_task.setdefault(r["task"], {}).setdefault(r["method"], {})[r["seed"]] = r
@@ -353,19 +356,21 @@ def summarise(results: list[dict[str, Any]], baseline: str = "lora") -> dict[str
                          for k in RANK_MEASURES},
                 "train_s": mean_sd([r["train_s"] for r in runs]),
             }
-            if method != baseline and baseline in methods:
+            for baseline in BASELINES:
+                if method in BASELINES[:BASELINES.index(baseline) + 1] or baseline not in methods:
+                    continue
                 base = methods[baseline]
                 common = sorted(set(seeds) & set(base))
-                diffs[method] = {"seeds": common, "metrics": {}}
+                diff = diffs.setdefault(baseline, {})[method] = {"seeds": common, "metrics": {}}
                 for m in metric_names:
                     if all(m in base[s]["metrics"] for s in common):
                         values = [seeds[s]["metrics"][m] - base[s]["metrics"][m] for s in common]
-                        diffs[method]["metrics"][m] = {**paired(values), "per_seed": values}
-        summary[task] = {"methods": table, "paired_to_" + baseline: diffs}
+                        diff["metrics"][m] = {**paired(values), "per_seed": values}
+        summary[task] = {"methods": table, **{f"paired_to_{b}": diffs.get(b, {}) for b in BASELINES}}
     return summary
 
 
-def verdict(diff: dict[str, Any], lower_is_better: bool) -> str:
+def verdict(diff: dict[str, Any], lower_is_better: bool, baseline: str = "LoRA") -> str:
     """Where the 95% interval of the paired difference lies."""
     if diff["ci"] is None:
         return "one seed: no interval"
@@ -373,7 +378,7 @@ def verdict(diff: dict[str, Any], lower_is_better: bool) -> str:
     if lo <= 0 <= hi:
         return "interval includes 0: no difference shown"
     better = (hi < 0) if lower_is_better else (lo > 0)
-    return "better than LoRA" if better else "worse than LoRA"
+    return f"better than {baseline}" if better else f"worse than {baseline}"
 
 
 # ----------------------------------------------------------------------------- report
@@ -412,9 +417,12 @@ def report_lines(summary: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
         for method, v in methods.items():
             lines.append(f"| {method} | " + " | ".join(fmt(v["rank"][k], 3) for k in RANK_MEASURES) + " |")
-        diffs = block["paired_to_lora"]
-        if diffs:
-            lines += ["", "Paired difference to LoRA (same seed: same split, initialisation and data order), "
+        for baseline in BASELINES:
+            diffs = block[f"paired_to_{baseline}"]
+            if not diffs:
+                continue
+            name = BASELINE_NAMES[baseline]
+            lines += ["", f"Paired difference to {name} (same seed: same split, initialisation and data order), "
                       "mean with its 95% t-interval:", ""]
             lines.append("| method | metric | per seed | mean | 95% interval | reading |")
             lines.append("| --- | --- | --- | ---: | --- | --- |")
@@ -426,7 +434,7 @@ def report_lines(summary: dict[str, Any], meta: dict[str, Any]) -> list[str]:
                     ci = f"[{x['ci'][0]:+.4f}, {x['ci'][1]:+.4f}]" if x["ci"] else "n/a"
                     per_seed = ", ".join(f"{s}: {v:+.4f}" for s, v in zip(d["seeds"], x["per_seed"]))
                     lines.append(f"| {method} | {m} | {per_seed} | {x['mean']:+.4f} | {ci} | "
-                                 f"{verdict(x, m in LOWER_IS_BETTER)} |")
+                                 f"{verdict(x, m in LOWER_IS_BETTER, name)} |")
     if meta["failures"]:
         lines += ["", "## Failed runs (rerun to retry them)", ""] + [f"- {f}" for f in meta["failures"]]
     return lines
@@ -457,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     parser.add_argument("--cache", type=Path, help=f"cache folder (default {CACHE.relative_to(REPO)}, "
                         "its quick/ subfolder with --quick)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: the report from the cached runs of this grid, naming the missing ones")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -487,14 +497,22 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
     n_cached = sum(cached_result(r) is not None for r in runs)
     try:
-        results, failures = execute(runs, args.threads, args.jobs)
+        if args.report_only:
+            results = {r.key: cached for r in runs if (cached := cached_result(r)) is not None}
+            missing = [f"{r.task}/{r.method}/seed {r.seed}" for r in runs if r.key not in results]
+            failures = []
+            if missing:
+                skipped = skipped + [f"not run yet ({len(missing)} of {len(runs)}): {', '.join(missing)}"]
+        else:
+            results, failures = execute(runs, args.threads, args.jobs)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs stay cached in {cache}; run the same command again to resume",
               file=sys.stderr)
         return 130
     rows = [{**results[r.key], "task": r.task, "method": r.method, "seed": r.seed} for r in runs if r.key in results]
     summary = summarise(rows)
-    meta = {"quick": args.quick, "seeds": seeds, "runs": len(runs), "trained": len(runs) - n_cached - len(failures),
+    trained = 0 if args.report_only else len(runs) - n_cached - len(failures)
+    meta = {"quick": args.quick, "seeds": seeds, "runs": len(runs), "trained": trained,
             "train_s_total": sum(r["train_s"] for r in rows), "elapsed_s": time.perf_counter() - started,
             "jobs": args.jobs, "threads": args.threads, "notes": skipped, "failures": failures,
             "configs": {t: config_line(runs, t) for t in summary}, "cpus": os.cpu_count()}

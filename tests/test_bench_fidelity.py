@@ -55,6 +55,10 @@ def test_summary_pairs_runs_by_seed_and_reads_the_interval(bench):
     rnd = summary["paired_to_lora"]["random"]["metrics"]
     assert bench.verdict(rnd["accuracy"], lower_is_better=False) == "worse than LoRA"
     assert bench.verdict(rnd["loss"], lower_is_better=True) == "worse than LoRA"
+    # The ablations are also paired with BeamLoRA (what switching off one part of it costs), on their common seeds.
+    ablation = summary["paired_to_beamlora"]["random"]
+    assert ablation["seeds"] == [0, 1] and ablation["metrics"]["accuracy"]["per_seed"] == pytest.approx([-0.11, -0.11])
+    assert set(summary["paired_to_beamlora"]) == {"random"}
     flat = bench.paired([0.01, -0.01, 0.005])
     assert bench.verdict(flat, lower_is_better=False) == "interval includes 0: no difference shown"
     lines = bench.report_lines(bench.summarise(rows), {
@@ -62,6 +66,25 @@ def test_summary_pairs_runs_by_seed_and_reads_the_interval(bench):
         "jobs": 1, "threads": 1, "notes": [], "failures": [], "configs": {}})
     json.dumps(bench.summarise(rows), allow_nan=False)
     assert any(line.startswith("| random | accuracy | 0: -0.1000, 1: -0.0900, 2: -0.0800 |") for line in lines)
+    assert any(line.startswith("| random | accuracy | 0: -0.1100, 1: -0.1100 |") for line in lines)
+    assert "Paired difference to BeamLoRA" in "\n".join(lines)
+
+
+def test_report_only_trains_nothing_and_names_the_missing_runs(bench, tmp_path, capsys):
+    runs, _ = bench.plan(["classification"], ["lora", "beamlora"], [0, 1], None, True, tmp_path)
+    done = runs[0]
+    done.result_path.parent.mkdir(parents=True)
+    done.result_path.write_text(json.dumps({
+        "schema": bench.SCHEMA, "config": done.config, "metrics": {"accuracy": 0.75}, "train_s": 3.0,
+        "rank": {k: 0.5 for k in bench.RANK_MEASURES}}))
+    code = bench.main(["--tasks", "classification", "--methods", "lora,beamlora", "--seeds", "0,1", "--quick",
+                       "--cache", str(tmp_path), "--report-only"])
+    report = (tmp_path / "report.md").read_text()
+    assert code == 0 and "4 runs, 0 trained now" in report
+    assert "not run yet (3 of 4): classification/lora/seed 1, classification/beamlora/seed 0, " \
+           "classification/beamlora/seed 1" in report
+    assert "| lora | 1 | 0.7500 |" in report
+    assert not (tmp_path / "runs").exists()  # nothing was trained
 
 
 def test_schedule_puts_five_operations_before_end_step_for_one_epoch(bench):
