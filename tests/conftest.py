@@ -1,8 +1,11 @@
 """Shared test set-up: one torch thread per pytest worker, and where the real fixtures live."""
 
 import csv
+import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,25 @@ def small_data(tmp_path_factory):
             word = rng.choice(["great", "wonderful", "superb"] if good else ["awful", "dull", "terrible"])
             writer.writerow([f"{rng.choice(fillers)} was {word} {i}", "pos" if good else "neg"])
     return path
+
+
+HEAVY_MODULES = ("transformers", "peft", "torch", "matplotlib", "scipy")
+
+
+@pytest.fixture
+def analyze_in_a_fresh_process(tmp_path):
+    """``(heavy modules imported, analysis.json)`` of ``rankscope analyze PATH --json`` run by the CLI's
+    ``main`` in a new interpreter, after importing ``preload`` (module names) first."""
+
+    def run(path, preload: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+        out = tmp_path / "fresh-analysis.json"
+        code = ("import sys\n" + "".join(f"import {m}\n" for m in preload) + "from rankscope.cli import main\n"
+                "try:\n    main(['analyze', sys.argv[1], '--json', sys.argv[2]])\nexcept SystemExit:\n    pass\n"
+                f"print('heavy:' + ','.join(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)))")
+        result = subprocess.run([sys.executable, "-c", code, str(path), str(out)], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr
+        heavy = result.stdout.strip().splitlines()[-1].removeprefix("heavy:")
+        return [m for m in heavy.split(",") if m], json.loads(out.read_text())
+
+    return run

@@ -178,13 +178,7 @@ def test_bad_input_is_one_error_line(tmp_path, make, expected):
 
 
 @pytest.mark.parametrize("which", ["adapter", "run"])
-def test_analyze_imports_neither_transformers_nor_peft(tmp_path, which):
+def test_analyze_imports_neither_transformers_nor_peft(tmp_path, which, analyze_in_a_fresh_process):
     folder = graded_adapter(tmp_path)[0] if which == "adapter" else REPO.parent / "shared/fixtures/real/peft-roberta-series"
-    code = ("import sys\nfrom rankscope.cli import main\n"
-            "try:\n    main(['analyze', sys.argv[1], '--json', sys.argv[2]])\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted(m for m in ('transformers', 'peft', 'torch', 'matplotlib', 'scipy') if m in sys.modules)\n"
-            "print('heavy:' + ','.join(heavy))")
-    result = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "a.json")], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "heavy:"  # nothing heavy was imported, not even torch
+    heavy, document = analyze_in_a_fresh_process(folder)
+    assert heavy == [] and document["snapshots"]  # nothing heavy was imported, not even torch

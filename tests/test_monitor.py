@@ -397,14 +397,8 @@ def test_a_run_folder_with_both_uses_the_trace_and_keeps_snapshots_for_sweeps(tm
     assert resolve_adapter(tmp_path / "run", step=4).step == 4
 
 
-def test_importing_the_monitor_and_analysing_a_trace_load_nothing_heavy(twin_runs, tmp_path):
+def test_importing_the_monitor_and_analysing_a_trace_load_nothing_heavy(twin_runs, analyze_in_a_fresh_process):
     traced, _ = twin_runs
-    code = ("import sys\nimport rankscope.monitor, rankscope.trace\nfrom rankscope.cli import main\n"
-            "try:\n    main(['analyze', sys.argv[1], '--json', sys.argv[2]])\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted(m for m in ('transformers', 'peft', 'torch', 'matplotlib', 'scipy') if m in sys.modules)\n"
-            "print('heavy:' + ','.join(heavy))")
-    result = subprocess.run([sys.executable, "-c", code, str(traced), str(tmp_path / "a.json")], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "heavy:"
-    assert json.loads((tmp_path / "a.json").read_text())["layout"] == "trace"
+    heavy, document = analyze_in_a_fresh_process(traced, preload=("rankscope.monitor", "rankscope.trace"))
+    assert heavy == []
+    assert document["layout"] == "trace"
