@@ -50,11 +50,7 @@ def plot_decile_curves(curves: dict[str, dict[str, list[float]]], path: str | os
     ax.set_xlabel("rank percentile within module (0% = least important)")
     ax.set_ylabel("importance / module's largest")
     ax.set_ylim(0, 1.05)
-    ax.set_xticks(DECILE_X)
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return _finish_curves(fig, ax, path, title)
 
 
 def plot_energy_curves(curves: dict[str, dict[str, list[float]]], path: str | os.PathLike, title: str) -> Path:
@@ -76,6 +72,11 @@ def plot_energy_curves(curves: dict[str, dict[str, list[float]]], path: str | os
     ax.set_ylabel("share of ΔW's energy Σσ² kept")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 1.02)
+    return _finish_curves(fig, ax, path, title)
+
+
+def _finish_curves(fig: Any, ax: Any, path: str | os.PathLike, title: str) -> Path:
+    """Decile ticks, title, legend and grid shared by the decile and energy curves; then save."""
     ax.set_xticks(DECILE_X)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
