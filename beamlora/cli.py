@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
-from .config import ABLATIONS, MAX_SEED
-from .errors import BeamLoraError
-from .train import TASK_DEFAULTS, TASKS, TrainConfig
+from beamlora.config import ABLATIONS, MAX_SEED
+from beamlora.train import TrainConfig
+from rankscope.cli import run
+from rankscope.errors import RankscopeError
+from rankscope.tasks.runconfig import TASK_DEFAULTS, TASKS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,7 +92,8 @@ def train(task: str, model: str | None, data: str | None, method: str, rank: int
     problems (GSM8K answer format), exact match before and after. The run folder then reads with
     `rankscope analyze RUN_DIR`.
     """
-    from .train import train as run_training
+    # imported on use: torch, peft and transformers load only when training starts
+    from beamlora.train import train as run_training
 
     config = TrainConfig(task=task, model=model, data=data, method=method, rank=rank, alpha=alpha,
                          targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
@@ -128,13 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``beamlora``: bad input ends in one ``Error:`` line and exit status 2."""
     import warnings
 
-    from rankscope.cli import run
-    from rankscope.errors import RankscopeError
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's business
     # SIGTERM (what schedulers send) ends like Ctrl-C: one line; during training it first writes a checkpoint.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    run(cli, "beamlora", argv, (BeamLoraError, RankscopeError))
+    run(cli, "beamlora", argv, (RankscopeError,))  # BeamLoraError is one
 
 
 if __name__ == "__main__":

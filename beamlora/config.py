@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BeamLoraError
-from .selection import MIN_DELTA_T, default_end_step
+from beamlora.errors import BeamLoraError
+from rankscope.maths.schedule import MIN_DELTA_T, default_end_step
+from rankscope.tasks.runconfig import TASK_DEFAULTS, TASKS
 
 SCOPES = ("global", "module")
 OPTIMIZER_STATES = ("history", "official", "reset")
@@ -102,3 +103,92 @@ class BeamLoraConfig:
         out = dataclasses.asdict(self)
         out["output_dir"] = None if self.output_dir is None else str(self.output_dir)
         return out
+
+
+METHODS = ("lora", "beamlora")
+
+
+
+@dataclass
+class TrainConfig:
+    """One training run. The defaults are the embedded default task (a few minutes on 2 CPU cores).
+
+    Fields left at None take the task's default (``TASK_DEFAULTS``); after construction every one
+    holds a value, so ``config.json`` records what ran.
+
+    Args:
+        task: "classification" (a label per text) or "sft" (instruction tuning of a causal LM:
+            prompt / response pairs, loss on the response, exact match of the final answer).
+        model: "minilm" (sequence classification), "smollm2" (causal LM: prompt, label word as
+            target; the sft default), a local folder with a transformers model, or a hub id.
+        data: classification: "rotten-tomatoes" or a .csv/.jsonl file with text and label columns;
+            sft: "arithmetic" (built in) or a .jsonl of {"prompt", "response"} or {"messages"}.
+        method: "lora" or "beamlora".
+        ablation: BeamLoRA only: "none", or one of the paper's Table 3 controls, "no-expansion",
+            "random" or "fixed-p" (see :class:`beamlora.BeamLoraConfig`).
+        targets: LoRA target modules; None picks the model's attention projections.
+        held_out: examples kept out of training for evaluation (a fixed, seeded split).
+        seed: an integer in 0 … 2**32 − 1 (what numpy and transformers' set_seed accept).
+        max_length: tokens per training sequence (sft: prompt and response together).
+        eval_every / snapshot_every: steps between held-out evaluations / adapter snapshots.
+        checkpoint_every: steps between the checkpoints a killed run resumes from (``--resume``); None:
+            at each snapshot (or every tenth of the run without snapshots); 0: none.
+        trace_every: steps between rank-trace records (``rank_trace.jsonl``: importances and spectra,
+            read by ``rankscope analyze`` as the dense time axis); None: no trace.
+    """
+
+    task: str = "classification"
+    model: str | None = None
+    data: str | None = None
+    method: str = "beamlora"
+    rank: int | None = None
+    alpha: float | None = None
+    targets: list[str] | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    p_init: float = 0.95
+    delta_t: int | None = None
+    temperature: float = 0.05
+    scope: str = "global"
+    optimizer_state: str = "history"
+    ablation: str = "none"
+    snapshot_every: int | None = 50
+    eval_every: int | None = 100
+    trace_every: int | None = 10
+    checkpoint_every: int | None = None
+    seed: int = 0
+    held_out: int | None = None
+    max_length: int | None = None
+    out: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise BeamLoraError(f"task {self.task!r}, expected one of {', '.join(TASKS)}")
+        for name, value in TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.method not in METHODS:
+            raise BeamLoraError(f"method {self.method!r}, expected one of {', '.join(METHODS)}")
+        for name in ("rank", "steps", "batch_size", "held_out", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise BeamLoraError(f"{name}={value!r}, expected a positive integer")
+        for name in ("lr", "alpha"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BeamLoraError(f"{name}={value!r}, expected a positive, finite number")
+        if self.max_length < 8:
+            raise BeamLoraError(f"max_length={self.max_length}, expected at least 8 tokens")
+        if self.ablation != "none" and self.method != "beamlora":
+            raise BeamLoraError(f"ablation={self.ablation!r} with method={self.method!r}: the ablations change "
+                                "BeamLoRA's operations, expected method 'beamlora' (or ablation 'none')")
+        # The BeamLoRA fields (p_init, Δt, ablation, seed, ...) are checked now, whatever the method, so
+        # a bad option fails before anything is written.
+        self.beamlora_config(None)
+
+    def beamlora_config(self, output_dir: Path | None):
+        return BeamLoraConfig(p_init=self.p_init, delta_t=self.delta_t, total_steps=self.steps,
+                              temperature=self.temperature, scope=self.scope, optimizer_state=self.optimizer_state,
+                              ablation=self.ablation, seed=self.seed, snapshot_every=self.snapshot_every,
+                              output_dir=output_dir)

@@ -22,15 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankscope.atomic import write_text
+from beamlora.config import BeamLoraConfig
+from beamlora.errors import BeamLoraError
+from beamlora.layer import ScoredLayer, add_scores
+from beamlora.snapshots import is_main_process, snapshot_dir, write_adapter
+from rankscope.constants import EVENTS_FILE
+from rankscope.io.atomic import write_text
+from rankscope.maths.schedule import is_operation_step, plan_operation, top_p
 
-from .config import BeamLoraConfig
-from .errors import BeamLoraError
-from .layer import ScoredLayer, add_scores
-from .selection import is_operation_step, plan_operation, top_p
-from .snapshots import is_main_process, snapshot_dir, write_adapter
-
-EVENTS_FILE = "events.jsonl"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 

@@ -17,10 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+from beamlora.errors import BeamLoraError
+from beamlora.train import TrainConfig
+from rankscope.adapters.resize import evaluate_resize, resize
 from rankscope.errors import RankscopeError
-
-from .errors import BeamLoraError
-from .train import TrainConfig
+from rankscope.io.loading import resolve_adapter
+from rankscope.maths.analysis import analyze
+from rankscope.maths.compare import compare
+from rankscope.tasks.evaluate import build_evaluation
+from rankscope.tasks.runconfig import read_run_config
+from rankscope.views.outputs import temporal_view, write_analysis, write_compare, write_sweep
+from rankscope.views.text import compare_lines
 
 # The setting of the method notes' small-scale measurement: 360 steps of batch 16, Δt 60.
 DEMO = TrainConfig(steps=360, eval_every=180, snapshot_every=40, delta_t=60, held_out=1000)
@@ -39,11 +46,8 @@ def demo_config(method: str, steps: int, held_out: int, out: Path) -> TrainConfi
 
 
 def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out) -> int:
-    from rankscope.analysis import analyze
-    from rankscope.compare import compare, compare_lines
-    from rankscope.outputs import temporal_view, write_analysis, write_compare
-
-    from .train import train
+    # imported on use: torch, peft and transformers load only when training starts
+    from beamlora.train import train
 
     results = {}
     started = time.perf_counter()
@@ -89,29 +93,23 @@ def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out) -> in
 
 def sweep_run(run_dir: Path) -> dict:
     """A light prune-by-importance sweep of the final adapter on held-out examples (rankscope sweep)."""
-    from rankscope.sweeps import resolve_adapter, sweep
-    from rankscope.sweep_task import build_task
-
-    from .train import read_run_config
+    # imported on use: torch, peft and transformers load only when training starts
+    from rankscope.adapters.sweep import resolve_adapter, sweep
 
     checkpoint = resolve_adapter(run_dir)
-    task = build_task(checkpoint, None, None, "accuracy", SWEEP_EXAMPLES, read_run_config(run_dir))
+    task = build_evaluation(checkpoint, None, None, "accuracy", SWEEP_EXAMPLES, read_run_config(run_dir))
     result = sweep(task.model, checkpoint, task.evaluate, fractions=SWEEP_FRACTIONS, orders=("least", "most"),
                    spectral=False, metric="accuracy", energies=SWEEP_ENERGIES)
-    result.save(run_dir / "sweep", title=f"{run_dir.name}: {task.description}")
+    write_sweep(result, run_dir / "sweep", title=f"{run_dir.name}: {task.description}")
     print(f"  {run_dir.name}: {result.summary_line()}", file=sys.stderr)
     return result.to_dict()
 
 
 def resize_run(run_dir: Path):
     """``rankscope resize RUN --energy 0.95 --validate``: the final adapter, smaller, and both on the held-out split."""
-    from rankscope.loading import resolve_adapter
-    from rankscope.resize import resize, validate
-
-    from .train import read_run_config
 
     result = resize(run_dir, run_dir / "resized-95", energy=0.95, overwrite=True)
-    result.validation = validate(resolve_adapter(run_dir), result.out, run_config=read_run_config(run_dir))
+    result.validation = evaluate_resize(resolve_adapter(run_dir), result.out, run_config=read_run_config(run_dir))
     for line in result.summary_lines():
         print(f"  {line}", file=sys.stderr)
     return result

@@ -1,5 +1,7 @@
-"""The one exception type users see from beamlora; the CLI prints it as ``Error: ...``."""
+"""beamlora's errors: part of rankscope's one hierarchy, printed as ``Error: ...`` by the CLIs."""
+
+from rankscope.errors import RankscopeError
 
 
-class BeamLoraError(Exception):
-    """Bad input or an impossible request. The message says what was found and what was expected."""
+class BeamLoraError(RankscopeError):
+    """Bad input or an impossible request in training. The message says what was found and what was expected."""

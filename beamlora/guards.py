@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import BeamLoraConfig
-from .errors import BeamLoraError
-from .selection import operation_steps
+from beamlora.config import BeamLoraConfig
+from beamlora.errors import BeamLoraError
+from rankscope.maths.schedule import operation_steps
 
 
 class NonFiniteError(BeamLoraError):

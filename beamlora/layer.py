@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BeamLoraError
+from beamlora.errors import BeamLoraError
+from rankscope.tasks.layers import lora_layers
 
 # The scores live in one ParameterList on the model itself, outside PEFT's tuner layers: PEFT
 # saves every parameter of a tuner layer (and older releases every name containing "lora_"), and
@@ -30,7 +31,8 @@ def rank_weights(score: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @dataclass
 class ScoredLayer:
-    """One LoRA layer of the active adapter with its score vector and hook."""
+    """One LoRA layer of the active adapter (as :class:`rankscope.tasks.layers.LoraLayer` finds it) with BeamLoRA's
+    score vector and the hook that applies it."""
 
     name: str  # module path as PEFT's adapter file names it, e.g. base_model.model.…query
     module: nn.Module  # the PEFT LoraLayer
@@ -88,9 +90,11 @@ def _rank_axis(lora_A: nn.Module, name: str) -> int:
 
 
 def add_scores(model: nn.Module, temperature: float) -> list[ScoredLayer]:
-    """Give every LoRA layer of the active adapter a zero score vector and the forward hook."""
-    from peft.tuners.lora import LoraLayer  # peft is heavy; only here
+    """Give every LoRA layer of the active adapter a zero score vector and the forward hook.
 
+    The layers are those of rankscope's walker (:func:`rankscope.tasks.layers.lora_layers`), the same the
+    monitor records and the sweeps mask.
+    """
     adapter = getattr(model, "active_adapter", None)
     if not isinstance(adapter, str):
         raise BeamLoraError(f"model has active adapter {adapter!r}; expected a PeftModel with one active LoRA "
@@ -99,12 +103,13 @@ def add_scores(model: nn.Module, temperature: float) -> list[ScoredLayer]:
         raise BeamLoraError(f"{type(model).__name__} already has BeamLoRA scores; attach once per model")
     store = nn.ParameterList()
     layers: list[ScoredLayer] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in getattr(module, "lora_A", {}):
-            if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_embedding_A", {}):
-                raise BeamLoraError(f"{name}: embedding LoRA found, expected LoRA on Linear or Conv layers "
-                                    "(leave embeddings out of target_modules for BeamLoRA)")
+    for found in lora_layers(model):
+        if found.adapter != adapter:
             continue
+        name, module = found.name, found.module
+        if found.layer_type == "embedding":
+            raise BeamLoraError(f"{name}: embedding LoRA found, expected LoRA on Linear or Conv layers "
+                                "(leave embeddings out of target_modules for BeamLoRA)")
         if adapter in getattr(module, "lora_variant", {}):
             variant = type(module.lora_variant[adapter]).__name__
             raise BeamLoraError(f"{name}: LoRA variant {variant} found, expected vanilla LoRA "

@@ -16,7 +16,6 @@ One process at a time per run folder: a lock beside it (``.NAME.lock``) turns a 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -27,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import BeamLoraError
+from beamlora.errors import BeamLoraError
+from rankscope.errors import RankscopeError
+from rankscope.tasks.runconfig import read_run_config
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
@@ -43,13 +44,12 @@ class Interrupted(BeamLoraError):
         self.exit_code = 128 + signum
 
 
-def read_config(run_dir: Path) -> dict[str, Any] | None:
-    """The run's ``config.json`` as written by ``beamlora train``, or None."""
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``config.json`` as ``beamlora train`` wrote it, or None (not a run, or unreadable)."""
     try:
-        data = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
+        return read_run_config(run_dir)
+    except (OSError, RankscopeError):
         return None
-    return data if isinstance(data, dict) and "method" in data and "held_out" in data else None
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -109,7 +109,7 @@ class RunFolder:
         lock = _take_lock(path)
         try:
             occupied = path.is_dir() and any(p for p in path.iterdir())
-            existing = read_config(path) if occupied else None
+            existing = _run_config(path) if occupied else None
             folder = cls(path, path, _lock=lock)
             if resume:
                 folder._open_resume(existing, occupied)
@@ -154,7 +154,7 @@ class RunFolder:
 
     def check_same_run(self, record: dict[str, Any], fields: list[str]) -> None:
         """On resume: the options must be those the killed run was started with."""
-        existing = read_config(self.path)
+        existing = _run_config(self.path)
         if existing is None:
             return
         for name in fields:

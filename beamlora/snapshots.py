@@ -10,11 +10,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from rankscope.atomic import atomic_dir
-
-from .layer import ScoredLayer
-
-SCORES_FILE = "beamlora_scores.safetensors"  # rankscope reads it beside the adapter
+from beamlora.layer import ScoredLayer
+from rankscope.constants import SCORES_FILE
+from rankscope.io.atomic import atomic_dir
 
 
 def snapshot_dir(output_dir: str | os.PathLike, step: int) -> Path:

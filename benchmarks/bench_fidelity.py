@@ -96,7 +96,7 @@ def schedule(steps: int, evals: int = 2) -> dict[str, int]:
     """Δt = ⌈end_step / 6⌉: five operations strictly before end_step (fewer in a very short run), by the
     trainer's own rules; the demo's nine snapshots; ``evals`` held-out evaluations evenly spaced, the last
     at the end (two: at half time and at the end)."""
-    from beamlora.selection import MIN_DELTA_T, default_end_step
+    from rankscope.maths.schedule import MIN_DELTA_T, default_end_step
 
     delta_t = max(MIN_DELTA_T, math.ceil(default_end_step(steps) / (OPERATIONS + 1)))
     return {"delta_t": delta_t, "snapshot_every": max(1, round(steps / DEMO_SNAPSHOTS)),
@@ -185,8 +185,8 @@ def rank_measures(adapter: Path) -> dict[str, Any]:
     """Medians over modules of the final adapter's per-rank and spectral measures (rankscope.analyze)."""
     import numpy as np
 
-    from rankscope.analysis import analyze
-    from rankscope.dynamics import usable
+    from rankscope.maths.analysis import analyze
+    from rankscope.maths.dynamics import usable
 
     modules = [m for m in analyze(adapter, progress=False)["snapshots"][-1]["modules"] if usable(m)]
 
@@ -211,8 +211,8 @@ def run_one(spec: dict[str, Any]) -> None:
     import torch
 
     from beamlora.train import TrainConfig, train
-    from rankscope.atomic import write_text
-    from rankscope.report import to_json
+    from rankscope.io.atomic import write_text
+    from rankscope.io.documents import to_json
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, as the CLI does
     torch.set_num_threads(spec["threads"])
@@ -474,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from beamlora.errors import BeamLoraError
-    from rankscope.atomic import write_text
-    from rankscope.report import to_json
+    from rankscope.io.atomic import write_text
+    from rankscope.io.documents import to_json
 
     tasks = parse_list(args.tasks)
     methods = parse_list(args.methods) if args.methods else None

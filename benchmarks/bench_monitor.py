@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-
 # --------------------------------------------------------------------------- 1. the training run
 
 
@@ -48,7 +47,7 @@ class Timed:
     """Wraps RankMonitor.record to add up the seconds spent inside it."""
 
     def __init__(self):
-        from rankscope.monitor import RankMonitor
+        from rankscope.telemetry.monitor import RankMonitor
 
         self.seconds, self.calls, self.original = 0.0, 0, RankMonitor.record
         timer = self
@@ -70,11 +69,12 @@ def training_runs(steps: int, repeats: int, every: int) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     import beamlora
-    from beamlora import models
     from beamlora.callbacks import BeamLoraCallback
-    from beamlora.data import load_data, split
-    from beamlora.train import TrainConfig, _quiet_logs, encode_classification
-    from rankscope.monitor import RankMonitorCallback
+    from beamlora.train import TrainConfig, quiet_logs
+    from rankscope.tasks import models
+    from rankscope.tasks.classification import encode_classification
+    from rankscope.tasks.data import load_data, split
+    from rankscope.telemetry.callback import RankMonitorCallback
 
     config = TrainConfig(steps=steps, snapshot_every=None, eval_every=None)
     train_set, _ = split(load_data(config.data), config.held_out, config.seed)
@@ -96,7 +96,7 @@ def training_runs(steps: int, repeats: int, every: int) -> dict:
             data_seed=config.seed, save_strategy="no", logging_steps=10, report_to=[], disable_tqdm=True,
             use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=callbacks)
-        _quiet_logs(trainer, progress=False)
+        quiet_logs(trainer, progress=False)
         inside = timer.seconds
         start = time.perf_counter()
         trainer.train()
@@ -128,13 +128,13 @@ def training_runs(steps: int, repeats: int, every: int) -> dict:
 
 def llama7b_record(repeats: int = 3) -> dict:
     import torch
+    from bench_analyze import ADAPTER_DIR, ALPHA, HIDDEN, INTERMEDIATE, LAYERS, PROJECTIONS, RANK, build_adapter
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import rankscope
-    from bench_analyze import ADAPTER_DIR, ALPHA, HIDDEN, INTERMEDIATE, LAYERS, PROJECTIONS, RANK, build_adapter
-    from rankscope.monitor import RankMonitor, measure
+    from rankscope.telemetry.monitor import RankMonitor, measure
 
     weights = build_adapter()
     config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,

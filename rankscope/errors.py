@@ -1,4 +1,7 @@
-"""The one exception type users see: a one-line message, printed as ``Error: ...`` by the CLIs."""
+"""The one error hierarchy of both packages: a one-line message, printed as ``Error: ...`` by the CLIs.
+
+beamlora's :class:`beamlora.errors.BeamLoraError` is a subclass.
+"""
 
 
 class RankscopeError(Exception):

@@ -46,7 +46,7 @@ def tiny_model(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from beamlora.models import model_path
+    from rankscope.tasks.models import model_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

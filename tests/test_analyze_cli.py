@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cli import REPO, run_cli
 from safetensors.numpy import save_file
 
-from rankscope import importance as imp
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rankscope.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+from rankscope.maths import importance as imp
 
 
 def write_peft(folder: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], r: int, alpha: float, extra=None) -> Path:

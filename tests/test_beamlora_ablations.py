@@ -8,12 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.lora import R, bert_lora, slow_cut, train
 
 import beamlora
 from beamlora import BeamLoraConfig, BeamLoraError
-from beamlora.selection import top_p
-
-from test_beamlora_core import R, bert_lora, slow_cut, train
+from rankscope.maths.schedule import top_p
 
 P_INIT = 0.8
 
@@ -188,7 +187,7 @@ def test_with_expansion_the_same_run_refills_its_pruned_slots():
 
 
 def test_no_expansion_cap_counts_live_slots_only():
-    from beamlora.selection import plan_operation
+    from rankscope.maths.schedule import plan_operation
 
     # One module, 8 slots, 5 already dead; a cut that wants everything: the cap allows floor(0.5 · 3) = 1.
     values = np.full(8, 1 / 8)

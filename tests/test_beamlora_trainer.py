@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from helpers.lora import bert_lora
+from helpers.trainer import TokenData, free_port
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import beamlora
 from beamlora import BeamLoraCallback, BeamLoraConfig, SnapshotCallback
-
-from test_beamlora_core import bert_lora
-
-
-class TokenData(torch.utils.data.Dataset):
-    """Random token sequences whose label is a simple function of the tokens (learnable)."""
-
-    def __init__(self, n: int = 96, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, 64, (n, 10), generator=g)
-        self.labels = (self.ids[:, 0] < 32).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def trainer_for(model, out: Path, callbacks, max_steps: int, accumulation: int = 1, save_steps: int | None = None):
@@ -95,12 +79,6 @@ def test_snapshot_callback_writes_plain_lora_snapshots_rankscope_reads(tmp_path)
         if "lora_A" in name:
             module = name.split(".lora_A")[0]
             assert torch.equal(torch.tensor(final[module].A), p.detach())
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def test_ddp_processes_make_identical_decisions(tmp_path):

@@ -7,11 +7,9 @@ import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import REPO
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,8 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-
-from test_analyze_cli import REPO, run_cli
-from test_compare import adapter_arrays, independent_medians, write_adapter
+from helpers.adapters import adapter_arrays, independent_medians, write_adapter
+from helpers.cli import REPO, run_cli
 
 REAL = REPO.parent / "shared" / "fixtures" / "real"
 

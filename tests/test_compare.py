@@ -3,58 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from helpers.adapters import MODULES, R, adapter_arrays, independent_medians, write_adapter
 
-from rankscope.compare import compare, compare_lines, load_run_for_compare, plot_compare
 from rankscope.errors import RankscopeError
-from rankscope.report import to_json
+from rankscope.io.documents import to_json
+from rankscope.maths.compare import compare, load_run_for_compare
+from rankscope.views.compare_plot import plot_compare
+from rankscope.views.text import compare_lines
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-R, MODULES = 8, 12
-
-
-def adapter_arrays(decay: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """12 modules whose rank i has norm about decay**i: 1.0 gives nearly equal ranks, 0.6 a geometric fall."""
-    rng = np.random.default_rng(seed)
-    modules = []
-    for _ in range(MODULES):
-        A = rng.normal(size=(R, 16))
-        A /= np.linalg.norm(A, axis=1, keepdims=True)
-        B = rng.normal(size=(16, R))
-        B /= np.linalg.norm(B, axis=0, keepdims=True)
-        A *= (decay ** np.arange(R) * (1 + 0.02 * rng.uniform(size=R)))[:, None]  # small noise: no exact ties
-        modules.append((A.astype(np.float32), B.astype(np.float32)))
-    return modules
-
-
-def write_adapter(folder: Path, modules: list[tuple[np.ndarray, np.ndarray]]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for i, (A, B) in enumerate(modules):
-        tensors[f"base_model.model.layers.{i}.q.lora_A.weight"] = A
-        tensors[f"base_model.model.layers.{i}.q.lora_B.weight"] = B
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": R, "lora_alpha": R, "target_modules": ["q"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def independent_medians(modules: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    """Median effective rank / r and top-10% share, from the raw arrays in float64, without rankscope."""
-    ratios, shares = [], []
-    for A, B in modules:
-        importance = np.linalg.norm(A.astype(np.float64), axis=1) * np.linalg.norm(B.astype(np.float64), axis=0)
-        p = importance / importance.sum()
-        ratios.append(math.exp(-np.sum(p * np.log(p))) / R)
-        k = math.ceil(0.1 * R)
-        shares.append(np.sort(importance)[::-1][:k].sum() / importance.sum())
-    return float(np.median(ratios)), float(np.median(shares))
 
 
 def sweep_doc(fall: float) -> dict:

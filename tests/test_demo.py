@@ -6,9 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import REPO
 
 
 def test_demo_runs_both_methods_and_writes_the_reports(tmp_path):

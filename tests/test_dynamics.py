@@ -14,10 +14,11 @@ import pytest
 from scipy.stats import spearmanr
 
 import rankscope
-from rankscope import importance as imp
-from rankscope.dynamics import dynamics, dynamics_summary_lines, operations, spearman
-from rankscope.recommend import P_GRID, global_cut, recommend
-from rankscope.report import to_json
+from rankscope.io.documents import to_json
+from rankscope.maths import importance as imp
+from rankscope.maths.dynamics import dynamics, operations, spearman
+from rankscope.maths.recommend import P_GRID, global_cut, recommend
+from rankscope.views.text import dynamics_summary_lines
 
 R = 8
 MODULES = [f"layers.{i}.q" for i in range(6)]
@@ -321,7 +322,7 @@ def test_peft_series_on_disk(tmp_path):
     name = next(iter(dyn["modules"]))
     written = run[1000][next(m for m in MODULES if name.endswith(m))]
     assert np.allclose(dyn["modules"][name]["importance"][-1], written, rtol=1e-5)
-    from rankscope.dynamics_plot import plot_dynamics
+    from rankscope.views.dynamics_plot import plot_dynamics
 
     paths = plot_dynamics(doc, tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["rank_heatmap.png", "spread_over_time.png", "stability.png"]
@@ -329,7 +330,7 @@ def test_peft_series_on_disk(tmp_path):
 
 @pytest.mark.parametrize("folder", ["peft-roberta-series", "mlx-gemma-series"])
 def test_real_series_dynamics_recommend_and_plots(real_fixtures, tmp_path, folder):
-    from rankscope.dynamics_plot import plot_dynamics, plot_rank_heatmap, plot_spread_over_time, plot_stability
+    from rankscope.views.dynamics_plot import plot_dynamics, plot_rank_heatmap, plot_spread_over_time, plot_stability
 
     doc = rankscope.analyze(real_fixtures / folder, spectrum=False)
     dyn = dynamics(doc)
@@ -352,7 +353,7 @@ def test_real_series_dynamics_recommend_and_plots(real_fixtures, tmp_path, folde
 
 
 def test_heatmap_marks_events_and_rejects_unknown_module(tmp_path):
-    from rankscope.dynamics_plot import plot_rank_heatmap, plot_spread_over_time
+    from rankscope.views.dynamics_plot import plot_rank_heatmap, plot_spread_over_time
 
     events = [{"step": 300, "p": 0.95, "module": MODULES[0], "pruned": [1], "sources": [2]},
               {"step": 600, "p": 0.98, "module": MODULES[0], "pruned": [], "sources": []}]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,8 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 
 import rankscope
-from rankscope.analysis import analyze_module
-from rankscope.loading import step_from_name
+from rankscope.io.loading import step_from_name
+from rankscope.maths.analysis import analyze_module
 
 RTOL = 1e-9
 

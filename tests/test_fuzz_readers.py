@@ -26,12 +26,13 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from hypothesis import HealthCheck, event, given, note, settings, strategies as st
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import rankscope
 from rankscope.errors import RankscopeError
-from rankscope.formats import FORMATS
+from rankscope.io.formats import FORMATS
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
 TIME_LIMIT_S = 30.0  # one example takes well under a second; a hang is anything far beyond that
@@ -275,7 +276,7 @@ def official_accepts(path: Path) -> bool:
 
 
 def rankscope_accepts(path: Path) -> bool:
-    from rankscope.tensors import SafetensorsFile
+    from rankscope.io.tensors import SafetensorsFile
 
     return outcome(lambda: SafetensorsFile(path)) == "ok"
 
@@ -420,8 +421,8 @@ def run_case(draw) -> dict:
         elif kind == "events-bytes":
             edits.append((kind, "events.jsonl", draw(st.binary(max_size=60))))
         elif kind == "scores":
-            from safetensors.numpy import save as save_numpy
             import numpy as np
+            from safetensors.numpy import save as save_numpy
 
             name = draw(st.sampled_from(["base_model.model.roberta.encoder.layer.0.attention.self.query", "other"]))
             shape = draw(st.lists(st.integers(0, 4), max_size=2))
@@ -456,7 +457,7 @@ def test_mutated_run_folders(case):
 
 @functools.lru_cache(maxsize=1)
 def real_analysis() -> str:
-    from rankscope.report import to_json
+    from rankscope.io.documents import to_json
 
     return to_json(rankscope.analyze(REAL / "peft-roberta-series", progress=False))
 
@@ -526,10 +527,10 @@ def document_case(draw) -> dict:
 @examples(0.25)
 @given(case=document_case())
 def test_mutated_documents_read_back(case):
-    from rankscope.analysis import load_document
-    from rankscope.compare import compare, load_run_for_compare
-    from rankscope.outputs import temporal_view
-    from rankscope.report import summary_lines
+    from rankscope.io.documents import load_document
+    from rankscope.maths.compare import compare, load_run_for_compare
+    from rankscope.views.outputs import temporal_view
+    from rankscope.views.text import summary_lines
 
     with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
         tmp = Path(tmp)

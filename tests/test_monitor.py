@@ -18,22 +18,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.cli import REPO, run_cli
+from helpers.lora import bert_lora, tiny_bert, tiny_gpt2
+from helpers.trainer import TokenData, free_port
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import beamlora
 import rankscope
 from beamlora import BeamLoraCallback, BeamLoraConfig, SnapshotCallback
-from rankscope.compare import compare
-from rankscope.dynamics import dynamics
+from rankscope.constants import TRACE_FILE
 from rankscope.errors import RankscopeError
-from rankscope.monitor import TELEMETRY_ATTR, RankMonitor, RankMonitorCallback, measure
-from rankscope.recommend import recommend
-from rankscope.trace import TRACE_FILE
-
-from test_analyze_cli import REPO, run_cli
-from test_beamlora_core import bert_lora, tiny_bert, tiny_gpt2
-from test_beamlora_trainer import TokenData, free_port
+from rankscope.maths.compare import compare
+from rankscope.maths.dynamics import dynamics
+from rankscope.maths.recommend import recommend
+from rankscope.telemetry.callback import RankMonitorCallback
+from rankscope.telemetry.monitor import TELEMETRY_ATTR, RankMonitor, measure
 
 COMPUTED = ("importance", "spectrum", "deciles", "top10_share", "effective_rank", "gini", "energy_rank", "stable_rank",
             "spectral_effective_rank", "scores", "adalora_E")
@@ -314,8 +314,8 @@ def test_a_file_without_any_complete_record_is_an_error_line(tmp_path):
 
 
 def test_record_size_of_a_llama2_7b_shaped_r64_adapter_is_under_one_percent_of_its_snapshot():
-    from rankscope.monitor import ModuleMeasure
-    from rankscope.trace import record_text
+    from rankscope.io.trace import record_text
+    from rankscope.telemetry.monitor import ModuleMeasure
 
     shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
               "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
@@ -383,7 +383,7 @@ def test_cli_analyze_recommend_and_compare_read_a_trace(twin_runs, tmp_path):
 
 
 def test_a_run_folder_with_both_uses_the_trace_and_keeps_snapshots_for_sweeps(tmp_path):
-    from rankscope.sweeps import resolve_adapter
+    from rankscope.adapters.sweep import resolve_adapter
 
     model = bert_lora().train()
     train(model, tmp_path / "trainer", [SnapshotCallback(every=4, output_dir=tmp_path / "run"),
@@ -399,6 +399,6 @@ def test_a_run_folder_with_both_uses_the_trace_and_keeps_snapshots_for_sweeps(tm
 
 def test_importing_the_monitor_and_analysing_a_trace_load_nothing_heavy(twin_runs, analyze_in_a_fresh_process):
     traced, _ = twin_runs
-    heavy, document = analyze_in_a_fresh_process(traced, preload=("rankscope.monitor", "rankscope.trace"))
+    heavy, document = analyze_in_a_fresh_process(traced, preload=("rankscope.telemetry.monitor", "rankscope.io.trace"))
     assert heavy == []
     assert document["layout"] == "trace"

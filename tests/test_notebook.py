@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import nbformat
+from helpers.cli import REPO
 from nbclient import NotebookClient
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_rank_dynamics_notebook_runs_top_to_bottom(monkeypatch, tmp_path):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cli import REPO
 from safetensors.numpy import save_file
 
-from rankscope.atomic import atomic_dir, write_bytes
 from rankscope.errors import RankscopeError
+from rankscope.io.atomic import atomic_dir, write_bytes
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
@@ -102,7 +102,7 @@ def test_a_failed_write_leaves_the_old_folder(tmp_path):
             raise RuntimeError("crash")
     assert (target / "report.html").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
     with pytest.raises(RankscopeError, match="holds files rankscope did not write"):
-        from rankscope.atomic import output_folder
+        from rankscope.io.atomic import output_folder
 
         (target / "notes.md").write_text("mine")
         with output_folder(target):

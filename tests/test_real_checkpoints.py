@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rankscope
-from rankscope.tensors import open_tensor_file
+from rankscope.io.tensors import open_tensor_file
 
 
 def test_roberta_trainer_series(real_fixtures):

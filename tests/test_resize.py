@@ -4,26 +4,17 @@ float64 SVD of the explicit update and, for PEFT, against real PEFT's own delta 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.cli import run_cli as cli
 from safetensors.numpy import save_file as save_numpy
 
 import rankscope
+from rankscope.adapters.resize import resize
 from rankscope.errors import RankscopeError
-from rankscope.resize import resize
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rankscope.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def best_rank_k(delta: np.ndarray, k: int) -> np.ndarray:
@@ -335,7 +326,7 @@ def test_bad_requests_and_an_untouched_input(tmp_path):
 def test_a_crash_while_writing_leaves_no_folder(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    import rankscope.resize as module
+    import rankscope.adapters.resize as module
 
     get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"])).save_pretrained(tmp_path / "in")
 
@@ -352,7 +343,7 @@ def test_cli_validate_on_the_task_and_json(tmp_path):
     """Original and resized adapters evaluated on the same held-out examples: identical when nothing is cut."""
     from peft import LoraConfig, get_peft_model
 
-    from beamlora.models import load_classifier
+    from rankscope.tasks.models import load_classifier
 
     base, _ = load_classifier("minilm", 2, seed=0)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
@@ -364,7 +355,9 @@ def test_cli_validate_on_the_task_and_json(tmp_path):
     same = cli("resize", tmp_path / "in", "--out", tmp_path / "all", "--energy", "1", *common, "--json", tmp_path / "a.json")
     assert same.returncode == 0, same.stderr
     validation = json.loads((tmp_path / "a.json").read_text())["validation"]
-    assert validation["metric"] == "loss" and validation["after"] == pytest.approx(validation["before"], rel=1e-5)
+    # Full rank, re-factored: ΔW agrees to float32 rounding (~6e-8 relative), but graded_lora's updates have singular
+    # values near 400, and six float32 layers amplify that rounding to a loss difference of 1.4e-5 relative here.
+    assert validation["metric"] == "loss" and validation["after"] == pytest.approx(validation["before"], rel=1e-4)
     cut = cli("resize", tmp_path / "in", "--out", tmp_path / "one", "--rank", "1", *common, "--json", "-")
     assert cut.returncode == 0, cut.stderr
     document = json.loads(cut.stdout)

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.cli import REPO
 
 from beamlora.errors import BeamLoraError
 from beamlora.runfolder import RunFolder
 from beamlora.train import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
 
 
@@ -57,7 +57,7 @@ def same_run(a: Path, b: Path, extra_records: int = 0) -> None:
     assert (a / "events.jsonl").is_file() == (b / "events.jsonl").is_file()
     if (a / "events.jsonl").is_file():
         assert (a / "events.jsonl").read_text() == (b / "events.jsonl").read_text()
-    from rankscope.trace import iter_records  # the reader drops what a killed run recorded after its checkpoint
+    from rankscope.io.trace import iter_records  # the reader drops what a killed run recorded after its checkpoint
 
     ra, rb = (list(iter_records(path / "rank_trace.jsonl", [])) for path in (a, b))
     assert [r["step"] for r in ra] == list(range(4, STEPS + 1, 4))
@@ -69,14 +69,19 @@ def same_run(a: Path, b: Path, extra_records: int = 0) -> None:
         assert not (path / "checkpoints").exists() and not [p for p in path.iterdir() if p.name.startswith(".")]
 
 
+RUN_SECONDS: dict[str, float] = {}  # how long each reference run took here (both ran at once)
+
+
 @pytest.fixture(scope="module")
 def references(tiny_model, small_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reference")
+    began = time.monotonic()
     runs = {method: start([*options(tiny_model, small_data, method), "--out", root / method])
             for method in ("lora", "beamlora")}
     for method, process in runs.items():
         code, _, err = finish(process)
         assert code == 0, err
+        RUN_SECONDS[method] = time.monotonic() - began
     return {method: root / method for method in runs}
 
 
@@ -87,7 +92,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_bits(references, t
     args = [*options(tiny_model, small_data, method), "--out", run_dir]
     # One kill at a random moment of the start (perhaps before any file), then kills after random checkpoints.
     process = start(args)
-    time.sleep(rng.uniform(0.0, 3.0))
+    # Within the first 60% of an uninterrupted run's time (at most 3 s), so the kill lands before the run ends.
+    time.sleep(rng.uniform(0.0, min(3.0, 0.6 * RUN_SECONDS[method])))
     process.kill()
     process.wait()
     resumed_from, last = [], 0

@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_causal import tiny_causal_folder, tiny_model, tiny_tokenizer
 
-from beamlora import sft
-from beamlora.answers import exact_match, parse_number, predicted_answer, reference_answer
-from beamlora.arithmetic import GENERATOR_SEED, SYSTEM, TEMPLATES, draw, generate, is_held_out_key
 from beamlora.errors import BeamLoraError
-from beamlora.sft_data import SftExample, load_sft_data, read_jsonl
-from beamlora.train import TASK_DEFAULTS, TrainConfig, train
-
-from tiny_causal import tiny_causal_folder, tiny_model, tiny_tokenizer
+from beamlora.train import TrainConfig, train
+from rankscope.errors import RankscopeError
+from rankscope.tasks import sft
+from rankscope.tasks.answers import exact_match, parse_number, predicted_answer, reference_answer
+from rankscope.tasks.arithmetic import GENERATOR_SEED, SYSTEM, TEMPLATES, draw, generate, is_held_out_key
+from rankscope.tasks.runconfig import TASK_DEFAULTS
+from rankscope.tasks.sft_data import SftExample, load_sft_data, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +154,7 @@ def test_jsonl_formats_and_split(tmp_path):
 ])
 def test_bad_jsonl_lines_name_their_line(tmp_path, line, expected):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok", "response": "fine"}, line])
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         read_jsonl(path)
     assert re.search(expected, one_line_error(e)), str(e.value)
 
@@ -163,7 +164,7 @@ def test_sft_data_errors(tmp_path):
                            (str(tmp_path / "x.csv"), "no such file"),
                            (str(write_jsonl(tmp_path / "two.jsonl", [{"prompt": "a", "response": "b"}] * 2)),
                             "2 examples, expected more than held_out=5")):
-        with pytest.raises(BeamLoraError) as e:
+        with pytest.raises(RankscopeError) as e:
             load_sft_data(spec, 5, 0)
         assert expected in one_line_error(e)
 
@@ -289,12 +290,12 @@ def test_model_checks(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import BertConfig, BertModel
 
-    from beamlora.models import check_causal_lm, load_causal_lm, load_tokenizer
+    from rankscope.tasks.models import check_causal_lm, load_causal_lm, load_tokenizer
 
     bert = tmp_path / "bert"
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                          vocab_size=400)).save_pretrained(bert)
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         check_causal_lm(bert)
     assert re.search(r"is a BertModel \(config.json\), expected a causal LM", one_line_error(e))
 
@@ -305,7 +306,7 @@ def test_model_checks(tmp_path):
     weights = load_file(headless / "model.safetensors")
     save_file({k: v for k, v in weights.items() if not k.startswith("lm_head")}, headless / "model.safetensors",
               metadata={"format": "pt"})
-    with pytest.raises(BeamLoraError) as e:
+    with pytest.raises(RankscopeError) as e:
         load_causal_lm(headless)
     assert "its weights hold no language-model head (lm_head)" in one_line_error(e)
 
@@ -316,7 +317,7 @@ def test_model_checks(tmp_path):
 
 
 def test_sft_data_modules_stay_light():
-    code = ("import sys, beamlora.sft, beamlora.sft_data, beamlora.arithmetic, beamlora.answers; "
+    code = ("import sys, rankscope.tasks.sft, rankscope.tasks.sft_data, rankscope.tasks.arithmetic, rankscope.tasks.answers; "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -379,14 +380,14 @@ def test_tiny_sft_run_learns_and_leaves_a_complete_run_folder(tiny_run):
     assert len(generations) == 8 and all(g["correct"] and "42" in g["generation"] for g in generations)
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "sft" and config["held_out_examples"] == 8 and config["logits_to_keep"] is True
-    assert f"held-out exact match 1.0000 (untuned 0.0000)" in done.stdout
+    assert "held-out exact match 1.0000 (untuned 0.0000)" in done.stdout
 
 
 def test_tiny_sft_final_adapter_reproduces_the_reported_numbers(tiny_run):
     """Reload final/ with vanilla PEFT; recompute loss and exact match one example at a time."""
     from peft import PeftModel
 
-    from beamlora.models import load_causal_lm
+    from rankscope.tasks.models import load_causal_lm
 
     run, folder, _ = tiny_run
     config = json.loads((run / "config.json").read_text())

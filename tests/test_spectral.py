@@ -18,11 +18,11 @@ import pytest
 from safetensors.numpy import save_file
 
 import rankscope
-from rankscope import importance as imp
-from rankscope.compare import compare, compare_lines
-from rankscope.dynamics import dynamics, dynamics_summary_lines
-from rankscope.report import summary_lines
-from rankscope.suggest import suggest, suggest_lines
+from rankscope.maths import importance as imp
+from rankscope.maths.compare import compare
+from rankscope.maths.dynamics import dynamics
+from rankscope.maths.suggest import suggest
+from rankscope.views.text import compare_lines, dynamics_summary_lines, suggest_lines, summary_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -320,7 +320,7 @@ def test_suggest_cli_json_and_bad_energy(tmp_path):
 
 
 def test_report_explains_the_two_views(tmp_path):
-    from rankscope.outputs import write_analysis
+    from rankscope.views.outputs import write_analysis
 
     document = rankscope.analyze(concentrated_adapter(tmp_path / "a"))
     paths = write_analysis(document, tmp_path / "out")

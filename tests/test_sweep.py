@@ -14,8 +14,10 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 import rankscope
 from rankscope import RankscopeError
-from rankscope.importance import truncated_factors
-from rankscope.sweeps import drop_count, lora_layers, ranks_to_drop, resolve_adapter, sweep
+from rankscope.adapters.sweep import drop_count, ranks_to_drop, resolve_adapter, sweep
+from rankscope.maths.importance import truncated_factors
+from rankscope.tasks.layers import lora_layers
+from rankscope.views.outputs import write_sweep
 
 R = 8
 STRONG = 4  # ranks per module that carry the update; the other R - STRONG are negligible
@@ -229,7 +231,7 @@ def test_compression_view_keeps_each_modules_energy_rank(graded, tmp_path):
         assert p.params_kept == pytest.approx(expected / full) and p.value == pytest.approx(p.params_kept)
     least = {p.fraction: p for p in result.points if p.order == "least"}
     assert least[0.5].params_kept == pytest.approx(0.5) and least[0].params_kept == 1.0
-    paths = result.save(tmp_path / "out")
+    paths = write_sweep(result, tmp_path / "out")
     assert [q.name for q in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png"]
     assert "params_kept,energy" in (tmp_path / "out" / "sweep.csv").read_text().splitlines()[0]
     assert "95%" not in result.summary_line() and "0.99" not in result.summary_line()  # only 95% is summarised
@@ -329,7 +331,7 @@ def test_run_folder_uses_final_or_step(tmp_path):
 def test_outputs_json_csv_plot_and_summary(graded, tmp_path):
     model, _, adapter = graded
     result = sweep(model, adapter, neg_mse_to(model), fractions=FRACTIONS, seeds=2, progress=False)
-    paths = result.save(tmp_path / "out")
+    paths = write_sweep(result, tmp_path / "out")
     assert [p.name for p in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png"]
     document = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert document["schema"] == "rankscope/sweep-v1" and document["metric"] == "neg_mse"
@@ -347,7 +349,7 @@ def test_outputs_json_csv_plot_and_summary(graded, tmp_path):
 
 
 def test_summary_in_accuracy_points():
-    from rankscope.sweeps import SweepPoint, SweepResult
+    from rankscope.adapters.sweep import SweepPoint, SweepResult
 
     points = [SweepPoint("least", 0.5, None, 0.796), SweepPoint("most", 0.1, None, 0.49), SweepPoint("least", 0.0, None, 0.8),
               SweepPoint("most", 0.0, None, 0.8)]

@@ -58,7 +58,7 @@ def test_short_run_learns_and_leaves_a_complete_run_folder(runs, method):
 
 def test_runs_record_a_rank_trace_that_analyze_reads_as_their_time_axis(runs):
     import rankscope
-    from rankscope.sweeps import resolve_adapter
+    from rankscope.adapters.sweep import resolve_adapter
 
     run = runs["beamlora"].run_dir
     document = rankscope.analyze(run, progress=False)
@@ -76,8 +76,8 @@ def test_final_adapter_is_plain_peft_and_gives_the_reported_accuracy(runs):
     import torch
     from peft import PeftModel
 
-    from beamlora import models
-    from beamlora.data import load_data, split
+    from rankscope.tasks import models
+    from rankscope.tasks.data import load_data, split
 
     result = runs["beamlora"]
     config = json.loads((result.run_dir / "final" / "adapter_config.json").read_text())
@@ -115,7 +115,7 @@ def test_rankscope_reads_both_runs_and_sweeps_the_final_adapter(runs, tmp_path):
 def test_sweep_on_a_model_the_adapter_does_not_fit(runs, tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from beamlora.models import model_path
+    from rankscope.tasks.models import model_path
 
     small = tmp_path / "small-bert"
     BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -167,13 +167,13 @@ def test_smollm2_causal_path_trains_and_scores_label_words(tmp_path):
 
     import torch
 
-    from rankscope.sweeps import resolve_adapter, sweep
-    from rankscope.sweep_task import build_task
+    from rankscope.adapters.sweep import resolve_adapter, sweep
+    from rankscope.tasks.evaluate import build_evaluation
 
     text = tmp_path / "text.txt"
     text.write_text("The film was a delight from start to finish.\n\nA dull, overlong mess with no heart.\n")
     checkpoint = resolve_adapter(tmp_path / "run")
-    task = build_task(checkpoint, "smollm2", str(text), "perplexity", None, None)
+    task = build_evaluation(checkpoint, "smollm2", str(text), "perplexity", None, None)
     result = sweep(task.model, checkpoint, task.evaluate, fractions=[0.0, 1.0], orders=["least"], spectral=False,
                    metric=task.metric, higher_is_better=task.higher_is_better)
     assert not result.higher_is_better and result.metric == "perplexity"

@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_WIDTH as WIDTH
 
 from beamlora import cli
 from beamlora.errors import BeamLoraError
 from beamlora.train import TrainConfig, train
-
-from conftest import TINY_WIDTH as WIDTH
 
 
 def quick(tiny_model, small_data, tmp_path, **overrides) -> TrainConfig:

@@ -12,12 +12,12 @@ pytest.importorskip("trl", reason="trl is a dev dependency (pip install -e '.[de
 
 def test_beamlora_callback_in_trl_sft_trainer(tmp_path):
     from datasets import Dataset
+    from helpers.tiny_causal import tiny_model, tiny_tokenizer
     from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
     import beamlora
     import rankscope
-    from tiny_causal import tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     rows = [{"prompt": f"Question {i}: what is the answer?\nAnswer:", "completion": " #### 42"} for i in range(32)]

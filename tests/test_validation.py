@@ -10,26 +10,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+from helpers.cli import REPO, run_cli
 from safetensors.numpy import save_file
 
 import rankscope
-from rankscope.analysis import analyze_module
 from rankscope.errors import RankscopeError
+from rankscope.maths.analysis import analyze_module
 
-REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "fixtures" / "real"
 A_NAME, B_NAME = "base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q.lora_B.weight"
 
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rankscope.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)  # a hang fails, not blocks
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -128,7 +123,8 @@ DUPLICATED_KEY = ('{"%s": {"dtype": "F32", "shape": [4, 6], "data_offsets": [0, 
 ])
 def test_bad_safetensors_headers_are_refused_like_the_official_reader(tmp_path, edit, expected):
     from safetensors import safe_open
-    from rankscope.tensors import SafetensorsFile
+
+    from rankscope.io.tensors import SafetensorsFile
 
     path = tmp_path / "adapter_model.safetensors"
     path.write_bytes(edited(edit))
@@ -148,7 +144,8 @@ def test_bad_safetensors_headers_are_refused_like_the_official_reader(tmp_path, 
 def test_a_header_in_any_key_order_with_every_readable_dtype_reads_back_exactly(tmp_path):
     """The rules refuse nothing valid: tensors listed out of offset order, zero-size and unsigned ones."""
     from safetensors import safe_open
-    from rankscope.tensors import SafetensorsFile
+
+    from rankscope.io.tensors import SafetensorsFile
 
     rng = np.random.default_rng(3)
     arrays = {"z": rng.normal(size=(3, 2)).astype(np.float16), "a": rng.integers(0, 60000, size=5).astype(np.uint16),
@@ -174,7 +171,7 @@ def test_a_header_in_any_key_order_with_every_readable_dtype_reads_back_exactly(
 
 
 def test_known_but_unreadable_dtypes_are_listed_and_refused_only_when_read(tmp_path):
-    from rankscope.tensors import SafetensorsFile
+    from rankscope.io.tensors import SafetensorsFile
 
     header = {"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}
     path = tmp_path / "fp8.safetensors"
@@ -481,7 +478,7 @@ def test_a_malformed_sweep_beside_a_run(tmp_path, analysis_json, sweep, expected
     ({"max_length": None}, "field 'max_length' is null"),
 ])
 def test_a_beamlora_run_config_is_validated(tmp_path, config, expected):
-    from beamlora.train import read_run_config
+    from rankscope.tasks.runconfig import read_run_config
 
     (tmp_path / "config.json").write_text(json.dumps({"method": "lora", "model": "minilm", "data": "rotten-tomatoes",
                                                       "seed": 0, "held_out": 1000, "max_length": 64, **config}))

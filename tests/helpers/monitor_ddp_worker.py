@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from rankscope.monitor import RankMonitorCallback  # noqa: E402
-from test_beamlora_core import bert_lora  # noqa: E402
-from test_beamlora_trainer import TokenData  # noqa: E402
+from helpers.lora import bert_lora  # noqa: E402
+from helpers.trainer import TokenData  # noqa: E402
+from rankscope.telemetry.callback import RankMonitorCallback  # noqa: E402
 
 
 def worker(rank: int, world: int, out: str, port: str) -> None:

@@ -1,0 +1,27 @@
+"""File names and schema ids, in one place: what both packages write and read in run and adapter folders.
+
+beamlora writes these files and rankscope reads them; neither spells a name out elsewhere.
+"""
+
+# ----------------------------------------------------------------------------- an adapter folder
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's LoraConfig beside the weights
+TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in a checkpoint-N folder
+SCORES_FILE = "beamlora_scores.safetensors"  # BeamLoRA's raw rank scores, beside a snapshot's adapter
+
+# ----------------------------------------------------------------------------- a run folder (beamlora train)
+RUN_CONFIG = "config.json"  # the resolved TrainConfig, enough to rerun
+METRICS_FILE = "metrics.jsonl"  # held-out metrics at each evaluation
+EVENTS_FILE = "events.jsonl"  # one line per BeamLoRA operation
+TRACE_FILE = "rank_trace.jsonl"  # rank telemetry, one record per traced step
+STATE_FILE = "beamlora_state.pt"  # the BeamLoRA controller's state inside a checkpoint
+GENERATIONS_FILE = "generations.jsonl"  # sft: the held-out generations at the end
+
+# ----------------------------------------------------------------------------- JSON documents
+ANALYSIS_SCHEMA = "rankscope/analysis-v1"
+COMPARE_SCHEMA = "rankscope/compare-v1"
+SWEEP_SCHEMA = "rankscope/sweep-v1"
+SUGGEST_SCHEMA = "rankscope/suggest-v1"
+RESIZE_SCHEMA = "rankscope/resize-v1"
+RECOMMEND_SCHEMA = "rankscope/recommend-v1"
+DYNAMICS_SCHEMA = "rankscope/dynamics-v1"
+TRACE_SCHEMA = "rankscope/trace-v1"

@@ -1,0 +1,362 @@
+"""Turning the tensors of one checkpoint file into LoRA modules, for every format users bring.
+
+Each format is a key pattern that names the module and the part (A, B, alpha, ...), plus the
+rule for the scale of ``ΔW = scale · B A``. A is always returned as (r, in) and B as (out, r),
+whatever the stored layout (mlx-lm stores both transposed; conv LoRA is flattened).
+Tensors that are not LoRA parts (a ``classifier`` head from ``modules_to_save``) are skipped
+and counted, never paired.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from rankscope.errors import RankscopeError
+from rankscope.io.tensors import TensorFile
+from rankscope.io.validate import check_adapter_config, check_temperature, describe, is_number, parse_json
+
+FORMATS = ("peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune")
+
+# Names of the parts: "A", "B" (the pair), and extras that change the scale or the update.
+_PEFT_KEY = re.compile(
+    r"^(?P<name>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_E|"
+    r"lora_magnitude_vector|lora_gate|ranknum)(?:\.(?P<adapter>[^.]+))??(?:\.(?P<param>weight|bias))?$"
+)
+_KOHYA_KEY = re.compile(r"^(?P<name>lora_(?:unet|te\d?)_.+?)\.(?P<part>lora_down|lora_up|alpha|dora_scale)(?:\.weight)?$")
+_DIFFUSERS_LEGACY_KEY = re.compile(r"^(?P<name>.+?)(?:_lora|\.lora_linear_layer|\.lora)\.(?P<part>down|up|alpha)(?:\.weight)?$")
+_MLX_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_a|lora_b|m)$")
+_TORCHTUNE_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_a|lora_b|magnitude)\.weight$")
+
+_PART_ROLES = {
+    "lora_A": "A", "lora_embedding_A": "A", "lora_down": "A", "down": "A", "lora_a": "A",
+    "lora_B": "B", "lora_embedding_B": "B", "lora_up": "B", "up": "B", "lora_b": "B",
+    "lora_E": "E", "alpha": "alpha", "lora_gate": "gate", "ranknum": "ranknum",
+    "lora_magnitude_vector": "magnitude", "dora_scale": "magnitude", "m": "magnitude", "magnitude": "magnitude",
+}
+_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
+_LAST_INTEGER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha when a config leaves it out
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: ``ΔW = scale · B diag(c) A`` with c from AdaLoRA's E or BeamLoRA's w.
+
+    ``A`` (r, in) and ``B`` (out, r) are read from the file when asked for (never cached),
+    so a checkpoint larger than memory can be walked one module at a time.
+    """
+
+    name: str
+    rank: int
+    scale: float
+    in_features: int
+    out_features: int
+    stored_dtype: str
+    layer_type: str = "linear"  # "linear", "conv" or "embedding"
+    dora: bool = False
+    E: np.ndarray | None = None  # AdaLoRA singular values, (r,)
+    rank_weights: np.ndarray | None = None  # BeamLoRA w stored beside A (not folded in)
+    scores: np.ndarray | None = None  # BeamLoRA raw scores, kept for analysis (w already folded)
+    keys: dict[str, str] = field(default_factory=dict)  # role ("A", "B", "alpha", "E", ...) -> tensor name
+    _read_A: Callable[[], np.ndarray] = field(default=None, repr=False)
+    _read_B: Callable[[], np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def A(self) -> np.ndarray:
+        return self._read_A()
+
+    @property
+    def B(self) -> np.ndarray:
+        return self._read_B()
+
+    @property
+    def coefficients(self) -> np.ndarray | None:
+        """Per-rank multipliers between B and A (AdaLoRA's E times BeamLoRA's w), or None."""
+        c = None
+        for extra in (self.E, self.rank_weights):
+            if extra is not None:
+                c = extra if c is None else c * extra
+        return c
+
+    @property
+    def layer(self) -> str:
+        """The name up to its last integer component (``model.layers.3``), or '' if none."""
+        match = None
+        for match in _LAST_INTEGER.finditer(self.name):
+            pass
+        return self.name[: match.end()] if match else ""
+
+    @property
+    def kind(self) -> str:
+        """What the module is within its layer (``self_attn.q_proj``, ``attention.self.query``)."""
+        layer = self.layer
+        return self.name[len(layer) + 1 :] if layer else self.name.rsplit(".", 1)[-1]
+
+    @property
+    def layer_index(self) -> int | None:
+        layer = self.layer
+        return int(_LAST_INTEGER.findall(layer)[-1]) if layer else None
+
+
+@dataclass
+class ParsedCheckpoint:
+    format: str
+    modules: list[LoraModule]
+    skipped: list[str]  # tensors that are not LoRA parts
+    notes: list[str]  # things a reader must know (DoRA, assumed scales, ...)
+
+
+def _match_keys(keys: list[str], pattern: re.Pattern) -> dict[str, dict[str, str]]:
+    """Group keys by module: {module name: {role: key}}."""
+    matches = [m.groupdict() | {"key": m.string} for m in map(pattern.match, keys) if m]
+    # A raw model state dict names the adapter (lora_A.default.weight); with one adapter it adds nothing.
+    several_adapters = len({gd.get("adapter") for gd in matches}) > 1
+    groups: dict[str, dict[str, str]] = defaultdict(dict)
+    for gd in matches:
+        role = _PART_ROLES[gd["part"]] + ("_bias" if gd.get("param") == "bias" else "")
+        name = f"{gd['name']}[{gd['adapter']}]" if several_adapters and gd.get("adapter") else gd["name"]
+        groups[name][role] = gd["key"]
+    return groups
+
+
+def detect_format(keys: list[str], config: dict | None) -> str:
+    """Pick the format whose key pattern claims the most tensors (config breaks PEFT ties)."""
+    counts = {
+        "peft": sum(1 for k in keys if _PEFT_KEY.match(k)),
+        "kohya": sum(1 for k in keys if _KOHYA_KEY.match(k)),
+        "diffusers-legacy": sum(1 for k in keys if _DIFFUSERS_LEGACY_KEY.match(k)),
+        "mlx": sum(1 for k in keys if _MLX_KEY.match(k) and not k.endswith(".m")),
+        "torchtune": sum(1 for k in keys if _TORCHTUNE_KEY.match(k)),
+    }
+    best = max(counts, key=counts.get)
+    if counts[best] == 0:
+        return "unknown"
+    if best == "peft":
+        lora_keys = [k for k in keys if _PEFT_KEY.match(k)]
+        if not (config and "peft_type" in config) and all(k.startswith(_DIFFUSERS_PREFIXES) for k in lora_keys):
+            return "diffusers-peft"
+    return best
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's own rule (``peft.utils.other.get_pattern_key``): a key matches a name ending in '.' + key."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+def _peft_scale(config: dict, module_name: str, rank: int, notes: set[str]) -> float:
+    bare = module_name.split("[", 1)[0].removeprefix("base_model.model.")
+    r = _pattern_value(config.get("rank_pattern") or {}, bare, config.get("r", rank))
+    if "r" not in config:
+        notes.add("adapter_config.json has no \"r\": each module's rank is read from its tensors")
+    if "lora_alpha" not in config:
+        notes.add(f"adapter_config.json has no \"lora_alpha\": PEFT's default {PEFT_DEFAULT_ALPHA} is used")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, bare, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    if isinstance(r, int) and r != rank:
+        notes.add(f"adapter_config.json gives rank {r} for some modules whose tensors have rank {rank}; the tensors' rank is used")
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _oriented(tf: TensorFile, key: str, transpose: bool, flatten: bool) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        array = tf[key]
+        if flatten and array.ndim > 2:
+            array = array.reshape(array.shape[0], -1)  # conv (r, in, kh, kw) -> (r, in*kh*kw)
+        return array.T if transpose else array
+
+    return read
+
+
+def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = None,
+                     config_path: str | None = None) -> ParsedCheckpoint:
+    """Find every LoRA module in ``tf``. ``config`` is the adapter_config.json beside it (read from
+    ``config_path``), if any; its fields are checked here, so a bad one is reported, not guessed around.
+
+    Modules of rank 0 (empty A and B) are skipped with a note: they hold no update to analyse.
+    """
+    config_source = config_path or f"the adapter_config.json beside {tf.path}"
+    if config is not None:
+        check_adapter_config(config, config_source)
+    keys = list(tf)
+    fmt = format or detect_format(keys, config)
+    if fmt == "unknown":
+        sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        raise RankscopeError(
+            f"{tf.path} holds {len(keys)} tensors ({sample}) but no LoRA pairs: expected keys such as "
+            "'<module>.lora_A.weight' / '<module>.lora_B.weight' (PEFT), '.lora_down' / '.lora_up' (kohya), "
+            "'.lora_a' / '.lora_b' (mlx-lm, torchtune)"
+        )
+    if fmt not in FORMATS:
+        raise RankscopeError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    pattern = {
+        "peft": _PEFT_KEY, "diffusers-peft": _PEFT_KEY, "kohya": _KOHYA_KEY,
+        "diffusers-legacy": _DIFFUSERS_LEGACY_KEY, "mlx": _MLX_KEY, "torchtune": _TORCHTUNE_KEY,
+    }[fmt]
+    has_config = config is not None
+    config = config or {}
+    adalora = config.get("peft_type") == "ADALORA" or any(k.endswith("lora_E") or ".lora_E." in k for k in keys)
+    groups = _match_keys(keys, pattern)
+    notes: set[str] = set()
+    modules: list[LoraModule] = []
+    claimed: set[str] = set()
+    empty: list[str] = []
+    for name, parts in groups.items():
+        if "A" not in parts or "B" not in parts:
+            continue  # an orphan; counted with the skipped tensors below
+        a_shape, b_shape = tf.shape(parts["A"]), tf.shape(parts["B"])
+        transpose = fmt == "mlx"
+        if transpose:  # mlx-lm: lora_a (in, r), lora_b (r, out)
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]:
+                raise RankscopeError(
+                    f"{tf.path}: module {name!r} has lora_a {list(a_shape)} and lora_b {list(b_shape)}, "
+                    "which do not chain: expected mlx-lm's (in, r) and (r, out)"
+                )
+            rank, in_features, out_features = a_shape[1], a_shape[0], b_shape[1]
+        else:
+            if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1] or any(d != 1 for d in b_shape[2:]):
+                raise RankscopeError(
+                    f"{tf.path}: module {name!r} has A {list(a_shape)} and B {list(b_shape)}, which do not chain: "
+                    "expected A (r, in) and B (out, r) with the same r"
+                )
+            rank, out_features = a_shape[0], b_shape[0]
+            in_features = int(np.prod(a_shape[1:]))
+        if rank == 0:
+            empty.append(name)  # its tensors stay unclaimed: counted with the skipped ones
+            continue
+        claimed.update(parts.values())
+        layer_type = "conv" if len(a_shape) > 2 else "embedding" if "lora_embedding_A" in parts["A"] else "linear"
+        module = LoraModule(
+            name=name, rank=rank, scale=1.0, in_features=in_features, out_features=out_features,
+            stored_dtype=tf.dtype(parts["A"]), layer_type=layer_type, dora="magnitude" in parts,
+            _read_A=_oriented(tf, parts["A"], transpose, flatten=True),
+            _read_B=_oriented(tf, parts["B"], transpose, flatten=True), keys=dict(parts),
+        )
+        if "B_bias" in parts:
+            notes.add("some lora_B layers carry a bias (lora_bias=True): ΔW is reported without it")
+        if module.dora:
+            notes.add("DoRA adapter: its update also rescales each output by a learned magnitude, "
+                      "so ΔW is not B A alone; rankscope reports the importances of B A")
+        module.scale = _module_scale(fmt, tf, parts, config, has_config, name, rank, adalora, notes)
+        if "E" in parts:
+            module.E = per_rank_vector(tf, parts["E"], rank, name, "AdaLoRA's singular values lora_E")
+        if "gate" in parts:
+            gate = per_rank_vector(tf, parts["gate"], rank, name, "BeamLoRA's gates lora_gate")
+            temperature = check_temperature(config, config_source)
+            z = gate / temperature
+            module.rank_weights = rank * np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+            notes.add(f"BeamLoRA gates stored beside A: w = r·softmax(gate/T) with T = {temperature} multiplies each rank")
+        modules.append(module)
+    if empty:
+        notes.add(f"{len(empty)} module(s) have rank 0 (empty A and B, no update) and are skipped: "
+                  + ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else ""))
+    if not modules and empty:
+        raise RankscopeError(f"{tf.path}: every LoRA module has rank 0 ({len(empty)} of them, e.g. {empty[0]!r}): "
+                             "expected A (r, in) and B (out, r) with r ≥ 1")
+    if not modules:
+        raise RankscopeError(
+            f"{tf.path} holds {len(keys)} tensors but no complete LoRA pair for format {fmt}: "
+            "expected each module to have both its A (down) and B (up) matrix"
+        )
+    skipped = [k for k in keys if k not in claimed]
+    return ParsedCheckpoint(fmt, modules, skipped, sorted(notes))
+
+
+def per_rank_vector(tf: TensorFile, key: str, rank: int, module: str, what: str) -> np.ndarray:
+    """A stored vector with one value per rank (AdaLoRA's E, BeamLoRA's gate or scores), as float64."""
+    values = np.asarray(tf[key], dtype=np.float64).reshape(-1)
+    if values.size != rank:
+        tensor = f" (tensor {key!r})" if key != module else ""
+        raise RankscopeError(f"{tf.path}: {what} of module {module!r}{tensor} hold {values.size} values, "
+                             f"expected one per rank ({rank})")
+    return values
+
+
+def _kohya_alpha(tf: TensorFile, key: str) -> float:
+    alpha = np.asarray(tf[key], dtype=np.float64)
+    if alpha.size != 1:
+        raise RankscopeError(f"{tf.path}: tensor {key!r} has shape {list(alpha.shape)}, expected a single number "
+                             "(the module's alpha)")
+    return float(alpha.reshape(-1)[0])
+
+
+def _metadata_number(tf: TensorFile, key: str) -> float | None:
+    """A number stored as a string in the safetensors metadata (kohya's ss_network_alpha), or None."""
+    raw = tf.metadata.get(key)
+    if raw is None or raw.strip() in ("", "None", "null"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise RankscopeError(f"{tf.path}: metadata {key} is {describe(raw)}, expected a finite number")
+    return value
+
+
+def _module_scale(fmt: str, tf: TensorFile, parts: dict[str, str], config: dict, has_config: bool, name: str,
+                  rank: int, adalora: bool, notes: set[str]) -> float:
+    """The scale of ΔW = scale · B A for one module, by the rules of its format."""
+    if "alpha" in parts:  # kohya, and diffusers files converted from kohya
+        alpha = _kohya_alpha(tf, parts["alpha"])
+        return alpha / rank if alpha else 1.0
+    if adalora:
+        # PEFT AdaLoRA: output * scaling / (ranknum + 1e-5), scaling = lora_alpha (or r when alpha is 0).
+        alpha = config.get("lora_alpha") or rank
+        return alpha / (rank + 1e-5)
+    if fmt in ("peft", "torchtune") and has_config:
+        return _peft_scale(config, name, rank, notes)
+    if fmt == "kohya":
+        alpha = _metadata_number(tf, "ss_network_alpha") or 0
+        return alpha / rank if alpha else 1.0
+    if fmt == "mlx":
+        params = config.get("lora_parameters") or {}
+        if "scale" in params:
+            return float(params["scale"])
+        if "alpha" in params:
+            notes.add("mlx-lm config has alpha but no scale: scale taken as alpha / rank")
+            return float(params["alpha"]) / rank
+        notes.add("no mlx-lm lora_parameters.scale found: assumed mlx-lm's default scale 20.0")
+        return 20.0
+    if fmt == "diffusers-peft":
+        alphas = _diffusers_metadata_alphas(tf)
+        if alphas:
+            for prefix, (r, alpha) in alphas.items():
+                if not prefix or name.startswith(prefix + "."):
+                    return alpha / rank
+        return 1.0
+    if fmt in ("peft", "torchtune"):
+        notes.add("no adapter_config.json beside the weights: scale taken as 1")
+    return 1.0
+
+
+def _diffusers_metadata_alphas(tf: TensorFile) -> dict[str, tuple[int, float]]:
+    """Diffusers writes each component's LoraConfig into ``lora_adapter_metadata`` (when saved)."""
+    raw = tf.metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    source = f"{tf.path} (metadata lora_adapter_metadata)"
+    meta = parse_json(raw, source, "a JSON object of LoRA configs")
+    if not isinstance(meta, dict):
+        raise RankscopeError(f"{source} is {describe(meta)}, expected a JSON object of LoRA configs")
+
+    def alpha_of(config: dict, where: str) -> float:
+        alpha = config["lora_alpha"]
+        if not (is_number(alpha) and math.isfinite(alpha)):
+            raise RankscopeError(f"{source}: {where}lora_alpha is {describe(alpha)}, expected a number")
+        return float(alpha)
+
+    out = {}
+    for key, value in meta.items():
+        if isinstance(value, dict) and "lora_alpha" in value:
+            out[key] = (value.get("r"), alpha_of(value, f"{key}."))
+    if not out and "lora_alpha" in meta:  # a single flat config
+        return {"": (meta.get("r"), alpha_of(meta, ""))}
+    return out

@@ -1,0 +1,1 @@
+"""Rank telemetry while training: the monitor and its transformers Trainer callback."""
