@@ -2,8 +2,8 @@
 killed run resumed from its last complete checkpoint.
 
 - **New**: ``RUN_DIR`` must be missing or empty.
-- **--overwrite**: ``RUN_DIR`` must hold a beamlora run (its ``config.json``); anything else is refused,
-  never deleted. The new run is written beside it in a hidden folder and swapped in only when it has
+- **--overwrite**: ``RUN_DIR`` must hold a finished beamlora run with nothing added since (its manifest
+  lists every file); anything else is refused, never deleted, and the swap checks again. The new run is written beside it in a hidden folder and swapped in only when it has
   finished; a failed or killed rerun leaves the old run exactly as it was.
 - **--resume**: the same options as the killed run (checked against its ``config.json``); training
   continues from the newest complete checkpoint in ``RUN_DIR/checkpoints/`` (Trainer's optimizer,
@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from beamlora.errors import BeamLoraError
+from rankscope.constants import MANIFEST_FILE
 from rankscope.errors import RankscopeError
+from rankscope.io.atomic import foreign_files, swap_in, write_manifest
 from rankscope.tasks.runconfig import read_run_config
 
 CHECKPOINTS = "checkpoints"
@@ -118,10 +120,16 @@ class RunFolder:
                     hint = " (or --resume to continue it)" if existing and not (path / "final").is_dir() else ""
                     raise BeamLoraError(f"{path} already exists and is not empty: expected a new run folder, or "
                                         f"--overwrite to replace a beamlora run{hint}")
-                if existing is None:
-                    raise BeamLoraError(f"{path} holds no beamlora run (no config.json written by beamlora train): "
-                                        "--overwrite only replaces a beamlora run folder, and refuses to delete "
-                                        "anything else; choose another --out")
+                foreign = foreign_files(path, "run")
+                if existing is None or not (path / MANIFEST_FILE).is_file():
+                    raise BeamLoraError(f"{path} holds no beamlora run that finished there (no config.json and "
+                                        f"{MANIFEST_FILE} written by beamlora train): --overwrite only replaces a "
+                                        "finished beamlora run folder, and never deletes anything else; choose "
+                                        "another --out" + (" (or --resume to continue it)" if existing else ""))
+                if foreign:
+                    raise BeamLoraError(f"{path} holds files beamlora did not write ({', '.join(foreign[:4])}"
+                                        f"{', ...' if len(foreign) > 4 else ''}): --overwrite only replaces a run "
+                                        "folder with nothing added since; nothing was touched")
                 for old in path.parent.glob(f".{path.name}.new-*"):  # a killed rerun's work: we hold the lock
                     shutil.rmtree(old, ignore_errors=True)
                 folder.work = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
@@ -163,13 +171,12 @@ class RunFolder:
                                     f"this command gives {name}={record.get(name)!r}: resume with the same options")
 
     def finish(self) -> None:
-        """The run has finished: drop its checkpoints and, when replacing, swap it in for the old run."""
+        """The run has finished: drop its checkpoints, record its files (the manifest that lets a later
+        --overwrite replace it) and, when replacing, swap it in for the old run, checked again at the swap."""
         shutil.rmtree(self.work / CHECKPOINTS, ignore_errors=True)
+        write_manifest(self.work, "run")
         if self.replacing:
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
-            os.replace(self.path, old / self.path.name)
-            os.replace(self.work, self.path)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_in(self.work, self.path, "run", replace=True)
             self.work = self.path
 
     def abandon(self) -> None:

@@ -16,7 +16,7 @@ import click
 from rankscope.adapters.resize import check_rule, evaluate_resize
 from rankscope.adapters.resize import resize as resize_adapter
 from rankscope.errors import RankscopeError
-from rankscope.io.atomic import check_output_folder, write_text
+from rankscope.io.atomic import check_out, write_to_path
 from rankscope.io.documents import to_json
 from rankscope.io.loading import resolve_adapter
 from rankscope.maths.analysis import analyze as analyze_path
@@ -36,14 +36,22 @@ FORMAT_CHOICES = ["peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", 
 
 
 def emit_json(text: str, target: str, human_lines: list[str]) -> None:
-    """JSON to a file (atomically) or to stdout with '-'; the human summary then goes to stderr."""
-
+    """JSON to stdout with '-' (the human summary then goes to stderr), or to FILE as
+    :func:`rankscope.io.atomic.write_to_path` writes it (a device or FIFO written through, a symlink followed)."""
     if target == "-":
+        if sys.stdout is None or sys.stdout.closed:
+            raise RankscopeError("--json -: stdout is closed, so the JSON cannot be written: expected an open "
+                                 "stdout, or --json FILE")
         for line in human_lines:
             click.echo(line, err=True)
-        click.echo(text)
+        try:
+            click.echo(text)
+            sys.stdout.flush()
+        except OSError as e:
+            raise RankscopeError(f"--json -: stdout cannot be written ({e.strerror or e}), so the JSON was lost: "
+                                 "expected an open stdout, or --json FILE") from None
     else:
-        write_text(target, text + "\n")
+        write_to_path(target, (text + "\n").encode("utf-8"))
         for line in human_lines:
             click.echo(line)
         click.echo(f"  json           {target}")
@@ -74,7 +82,7 @@ def _check_out(out_dir: Path | None) -> None:
     """Refuse an unusable --out before any work is done (it is checked again when written)."""
     if out_dir is not None:
 
-        check_output_folder(out_dir)
+        check_out(out_dir, "report", replace=True)
 
 
 def _written(paths: list[Path]) -> list[str]:

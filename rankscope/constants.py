@@ -8,6 +8,9 @@ ADAPTER_CONFIG = "adapter_config.json"  # PEFT's LoraConfig beside the weights
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in a checkpoint-N folder
 SCORES_FILE = "beamlora_scores.safetensors"  # BeamLoRA's raw rank scores, beside a snapshot's adapter
 
+# ----------------------------------------------------------------------------- every folder this project writes
+MANIFEST_FILE = ".rankscope-manifest.json"  # what kind of output, and its files: only such a folder is replaced
+
 # ----------------------------------------------------------------------------- a run folder (beamlora train)
 RUN_CONFIG = "config.json"  # the resolved TrainConfig, enough to rerun
 METRICS_FILE = "metrics.jsonl"  # held-out metrics at each evaluation

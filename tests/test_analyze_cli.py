@@ -9,22 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.adapters import write_peft
 from helpers.cli import REPO, run_cli
 from safetensors.numpy import save_file
 
+from rankscope.constants import MANIFEST_FILE
 from rankscope.maths import importance as imp
-
-
-def write_peft(folder: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], r: int, alpha: float, extra=None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, (A, B) in modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B
-    tensors.update(extra or {})
-    save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha}))
-    return folder
 
 
 def graded_adapter(tmp_path: Path) -> tuple[Path, dict]:
@@ -87,7 +77,7 @@ def test_out_writes_plots_and_json(tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     document = json.loads((tmp_path / "report" / "analysis.json").read_text())
     assert len(document["snapshots"][0]["modules"]) == 6
-    assert not [p for p in (tmp_path / "report").iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert not [p for p in (tmp_path / "report").iterdir() if p.name.startswith(".") and p.name != MANIFEST_FILE]  # no temporaries left
 
 
 def test_nan_in_one_module_is_reported_and_the_rest_still_analysed(tmp_path):

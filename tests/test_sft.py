@@ -23,6 +23,7 @@ from helpers.tiny_causal import tiny_causal_folder, tiny_model, tiny_tokenizer
 
 from beamlora.errors import BeamLoraError
 from beamlora.train import TrainConfig, train
+from rankscope.constants import MANIFEST_FILE
 from rankscope.errors import RankscopeError
 from rankscope.tasks import sft
 from rankscope.tasks.answers import exact_match, parse_number, predicted_answer, reference_answer
@@ -365,8 +366,9 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_sft_run_learns_and_leaves_a_complete_run_folder(tiny_run):
     run, folder, done = tiny_run
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "events.jsonl", "final", "generations.jsonl",
-                                                    "metrics.jsonl", "rank_trace.jsonl", "step-000030", "step-000060"]
+    assert sorted(p.name for p in run.iterdir()) == [MANIFEST_FILE, "config.json", "events.jsonl", "final",
+                                                    "generations.jsonl", "metrics.jsonl", "rank_trace.jsonl",
+                                                    "step-000030", "step-000060"]
     assert "note: the tokenizer has no pad token: padding with its EOS token '<|im_end|>'" in done.stderr
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 30, 60]

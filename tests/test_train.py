@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from beamlora.train import TrainConfig, train
+from rankscope.constants import MANIFEST_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = TrainConfig(steps=150, lr=1e-3, batch_size=8, max_length=32, held_out=200, eval_every=75,
@@ -40,7 +41,8 @@ def test_short_run_learns_and_leaves_a_complete_run_folder(runs, method):
     result = runs[method]
     run = result.run_dir
     names = sorted(p.name for p in run.iterdir())
-    expected = ["config.json", "final", "metrics.jsonl", "rank_trace.jsonl", "step-000050", "step-000100", "step-000150"]
+    expected = [MANIFEST_FILE, "config.json", "final", "metrics.jsonl", "rank_trace.jsonl", "step-000050", "step-000100",
+                "step-000150"]
     assert names == sorted(expected + (["events.jsonl"] if method == "beamlora" else []))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [75, 150]

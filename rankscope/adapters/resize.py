@@ -33,9 +33,9 @@ import numpy as np
 
 from rankscope.constants import ADAPTER_CONFIG, RESIZE_SCHEMA, SCORES_FILE, STATE_FILE, TRAINER_STATE
 from rankscope.errors import RankscopeError
-from rankscope.io.atomic import atomic_dir, write_chunks, write_json, write_with
+from rankscope.io.atomic import atomic_dir, check_out, write_chunks, write_json, write_with
 from rankscope.io.formats import LoraModule
-from rankscope.io.loading import Checkpoint, discover, load_checkpoint, resolve_adapter
+from rankscope.io.loading import Checkpoint, load_checkpoint, resolve_adapter
 from rankscope.io.tensors import PICKLE_SUFFIXES, encode_safetensors, encode_tensor, open_tensor_file
 from rankscope.maths import importance as imp
 from rankscope.maths.analysis import analysis_threads, one_blas_thread
@@ -141,25 +141,15 @@ def check_rule(energy: float | None, rank: int | None, max_error: float | None, 
 
 
 def _check_out(given: Path, weights: Path, out: Path, overwrite: bool) -> None:
-    """Never write into or over the input; replace an existing folder only with --overwrite and only if it holds
-    an adapter (so --overwrite can never delete something else)."""
+    """Never write into or over the input; replace an existing folder only with --overwrite, and only one that
+    rankscope wrote as an adapter (:func:`rankscope.io.atomic.check_out`): nothing else is ever deleted."""
     folder, target = weights.parent.resolve(), out.resolve()
     # The adapter's folder, the path given, or any folder holding them would be replaced: never the input.
     # A new folder inside a run folder (runs/x/resized-95) is fine: nothing of the input is touched.
     if target in (folder, given.resolve()) or target in folder.parents:
         raise RankscopeError(f"--out {out} overlaps the input {given}: expected a separate folder "
                              "(the input is never modified)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise RankscopeError(f"{out} already exists and is not empty: expected a new folder (or pass --overwrite "
-                                 "to replace an adapter folder)")
-        try:
-            found = discover(out)
-        except RankscopeError:
-            found = None
-        if found is None or not hasattr(found, "weights"):
-            raise RankscopeError(f"{out} does not hold one adapter: --overwrite only replaces an adapter folder, and "
-                                 "this one holds something else; choose another --out")
+    check_out(out, "adapter", replace=overwrite)
 
 
 def _refuse_inexact(checkpoint: Checkpoint) -> None:
@@ -365,7 +355,7 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
     tensors, rows, ranks, notes = _tensor_entries(checkpoint, rule, DTYPES[dtype])
     config = _config_for(checkpoint, rows, ranks)
     metadata = _metadata(checkpoint, ranks) if source.suffix == ".safetensors" else {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "adapter", replace=overwrite) as tmp:
         target = tmp / source.name
         if source.suffix in PICKLE_SUFFIXES:
             _save_pickle(target, tensors)

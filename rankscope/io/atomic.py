@@ -1,4 +1,8 @@
-"""Atomic writes: a reader (or a crash) never sees a half-written file or folder.
+"""Writing what users asked for, atomically, and never over what they own.
+
+A reader (or a crash) never sees a half-written file or folder. A folder is replaced only when this
+project wrote it (its manifest says so, and nothing was added since); a path given for a file is written
+through when it is a device or a FIFO and followed when it is a symlink. The contract: docs/cli.md#outputs.
 
 Files and folders come out with the permissions ``open()`` and ``mkdir()`` would give them under the
 process's umask (the temporary files they are built in start private, 0600 / 0700).
@@ -7,17 +11,17 @@ process's umask (the temporary files they are built in start private, 0600 / 070
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from rankscope.constants import MANIFEST_FILE
 from rankscope.errors import RankscopeError
-
-# What rankscope writes into an --out folder: such a folder may be replaced as a whole.
-OUTPUT_NAMES = {"report.html", "analysis.json", "compare.json", "recommend.json", "sweep.json", "sweep.csv"}
 
 
 def _umask() -> int:
@@ -67,63 +71,172 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
     write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+# ----------------------------------------------------------------------------- folders: replace only our own
 
-    On an exception the temporary folder is removed and ``path`` is left as it was. When another
-    process puts its own folder at ``path`` meanwhile, theirs stays whole and this one is dropped
-    with an error: a folder is always one writer's complete output.
+# A folder rankscope or beamlora wrote holds this manifest: what kind of output it is and the files written.
+# Only such a folder (of the same kind, with nothing added since) is ever replaced; see docs/cli.md#outputs.
+KINDS = ("report", "adapter", "run")
+_LEGACY_REPORT_NAMES = {"report.html", "analysis.json", "compare.json", "recommend.json", "sweep.json", "sweep.csv"}
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file and folder below ``folder``, as relative POSIX paths (folders end in '/'), links not followed."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        found += [(rel / d).as_posix() + "/" for d in dirs] + [(rel / f).as_posix() for f in files]
+    return sorted(found)
+
+
+def write_manifest(folder: str | os.PathLike, kind: str) -> None:
+    """Record that ``folder`` (complete now) was written by this project, as output of ``kind``."""
+    folder = Path(folder)
+    listed = [name for name in _files(folder) if name != MANIFEST_FILE]
+    write_json(folder / MANIFEST_FILE, {"written_by": "rankscope", "kind": kind, "files": listed}, indent=1)
+
+
+def foreign_files(folder: str | os.PathLike, kind: str) -> list[str]:
+    """What in ``folder`` this project did not write as output of ``kind`` (empty: the folder may be replaced).
+
+    A folder without a valid manifest is foreign as a whole, except an empty one, and a report folder of
+    rankscope < 0.2 (its own file names and plots only).
     """
-    path = Path(path)
+    folder = Path(folder)
+    present = [name for name in _files(folder) if name != MANIFEST_FILE]
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        ok = (isinstance(manifest, dict) and manifest.get("written_by") == "rankscope"
+              and manifest.get("kind") == kind and isinstance(manifest.get("files"), list))
+    except (OSError, ValueError, RecursionError):
+        manifest, ok = None, False
+    if ok:
+        listed = set(manifest["files"])
+        return [name for name in present if name not in listed]
+    if kind == "report" and not os.path.lexists(folder / MANIFEST_FILE):
+        return [name for name in present if "/" in name or not (name in _LEGACY_REPORT_NAMES or name.endswith(".png"))]
+    return present
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+
+
+def check_out(path: str | os.PathLike, kind: str, replace: bool, option: str = "--out") -> Path:
+    """Before any work: ``path`` must be missing, an empty folder, or (``replace``) a folder this project wrote
+    as output of ``kind``, with nothing added since. Returns the folder the output will take (a symlink's
+    target: the link itself stays)."""
+    given = Path(path)
+    path = Path(os.path.realpath(given))
+    if os.path.lexists(path) and not path.is_dir():
+        raise RankscopeError(f"{option} {given} is a file: expected a folder for the outputs")
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    foreign = foreign_files(path, kind)
+    if not replace:
+        why = (f"it holds files rankscope did not write ({_listed(foreign)}), which are never replaced" if foreign else
+               f"pass --overwrite to replace this {kind} folder, which rankscope wrote")
+        raise RankscopeError(f"{option} {given} already exists and is not empty: expected a new or empty folder ({why})")
+    if foreign:
+        raise RankscopeError(f"{option} {given} holds files rankscope did not write ({_listed(foreign)}), so it does not "
+                             f"hold one {kind} rankscope wrote: expected a new or empty folder, or a {kind} folder "
+                             "rankscope wrote (replaced as a whole); nothing was touched")
+    return path
+
+
+def _keep_aside(tmp: Path, path: Path) -> Path:
+    """Give a finished output that could not take ``path`` a visible name beside it."""
+    for n in range(1, 1000):
+        kept = path.with_name(f"{path.name}.rankscope-{n}")
+        try:
+            os.rename(tmp, kept)  # fails if kept is a non-empty folder: try the next name
+            return kept
+        except OSError:
+            continue
+    return tmp
+
+
+def swap_in(tmp: Path, path: Path, kind: str, replace: bool) -> None:
+    """Put the finished folder ``tmp`` at ``path``: into a missing or empty place, or over a folder this project
+    wrote as ``kind`` output (when ``replace``), checked again once it is renamed away, so that nothing that
+    appeared there meanwhile is ever deleted. Otherwise ``tmp`` is kept beside ``path`` and the error says where."""
+    reason = f"another process wrote {path} meanwhile (theirs is kept whole)"
+    for _ in range(4):
+        try:
+            os.rename(tmp, path)  # a missing path, or an empty folder, takes it in one rename
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+        if not (replace and path.is_dir() and not path.is_symlink()):
+            break
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        try:
+            os.rename(path, old / path.name)  # taken away: nothing can land in it through ``path`` now
+        except FileNotFoundError:  # another writer took it first: try again
+            os.rmdir(old)
+            continue
+        foreign = foreign_files(old / path.name, kind)
+        if foreign:
+            reason = f"{path} changed while this command ran ({_listed(foreign)} appeared)"
+            try:
+                os.rename(old / path.name, path)  # theirs goes back, untouched
+                os.rmdir(old)
+            except OSError:
+                reason += f"; its content is kept whole in {old / path.name}"
+            break
+        shutil.rmtree(old, ignore_errors=True)  # our own earlier output: replaced, as asked
+    kept = _keep_aside(tmp, path)
+    raise RankscopeError(f"{reason}: nothing there was replaced, and this command's finished output is in {kept}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, kind: str = "adapter", replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it takes ``path`` in one rename (:func:`swap_in`).
+
+    The folder gets a manifest (:func:`write_manifest`). On an exception the temporary folder is removed
+    and ``path`` is left as it was; a folder at ``path`` that this project did not write is never replaced.
+    """
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        write_manifest(tmp, kind)
         os.chmod(tmp, 0o777 & ~_umask())
-        try:
-            if path.exists():
-                # Rename the old folder away first so the new one appears in a single rename.
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-                os.replace(path, old / path.name)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except FileNotFoundError:
-            raise RankscopeError(f"{path} was replaced by another process while this one wrote it: nothing of "
-                                 "this run was kept; run it again") from None
-        except OSError as e:
-            if e.errno not in (39, 17):  # ENOTEMPTY, EEXIST: someone else's folder arrived first
-                raise
-            raise RankscopeError(f"{path} was written by another process at the same moment: theirs is kept "
-                                 "whole and this run's output was dropped; run it again") from None
+        swap_in(tmp, path, kind, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def check_output_folder(path: str | os.PathLike) -> Path:
-    """An --out folder rankscope may fill: missing, empty, or holding only what rankscope writes there.
-
-    Such a folder is then replaced as a whole (:func:`output_folder`), so stale plots of an earlier run
-    never sit beside new ones, and a folder holding anything else is refused rather than emptied.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise RankscopeError(f"--out {path} is a file: expected a folder for the outputs")
-    if path.is_dir():
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
-                         if not (p.is_file() and (p.name in OUTPUT_NAMES or p.suffix == ".png")))
-        if foreign:
-            listed = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
-            raise RankscopeError(f"--out {path} holds files rankscope did not write ({listed}): expected a new or "
-                                 "empty folder, or an earlier rankscope output folder (which is replaced as a whole)")
-    return path
-
-
 @contextlib.contextmanager
-def output_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Build an --out folder aside and swap it in whole (see :func:`check_output_folder`)."""
-    with atomic_dir(check_output_folder(path)) as tmp:
+def output_folder(path: str | os.PathLike, kind: str = "report", replace: bool = True) -> Iterator[Path]:
+    """An ``--out`` folder: checked before any work (:func:`check_out`), built aside, swapped in whole."""
+    with atomic_dir(check_out(path, kind, replace), kind, replace) as tmp:
         yield tmp
+
+
+# ----------------------------------------------------------------------------- a file the user names
+
+
+def write_to_path(path: str | os.PathLike, data: bytes, option: str = "--json") -> None:
+    """Write ``data`` where the user asked, as ``tee`` would: through to a device or a FIFO (``/dev/null``,
+    ``/dev/stdout``); to a symlink's target (the link stays); otherwise a regular file, created or replaced
+    atomically. An error names the user's path, never a temporary file."""
+    given = Path(path)
+    try:
+        mode = os.stat(given).st_mode  # follows links
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise RankscopeError(f"{option} {given}: cannot be written ({e.strerror or e})") from None
+    try:
+        if mode is not None and stat.S_ISDIR(mode):
+            raise RankscopeError(f"{option} {given} is a folder: expected a file to write (or - for stdout)")
+        if mode is not None and not stat.S_ISREG(mode):
+            with open(given, "wb") as f:  # a device, a FIFO or a socket: written through, never replaced
+                f.write(data)
+            return
+        write_bytes(os.path.realpath(given), data)
+    except OSError as e:
+        raise RankscopeError(f"{option} {given}: cannot be written ({e.strerror or e})") from None

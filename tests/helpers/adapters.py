@@ -50,3 +50,15 @@ def independent_medians(modules: list[tuple[np.ndarray, np.ndarray]]) -> tuple[f
         k = math.ceil(0.1 * R)
         shares.append(np.sort(importance)[::-1][:k].sum() / importance.sum())
     return float(np.median(ratios)), float(np.median(shares))
+
+
+def write_peft(folder: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], r: int, alpha: float, extra=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (A, B) in modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+    tensors.update(extra or {})
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha}))
+    return folder
