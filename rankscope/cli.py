@@ -7,32 +7,67 @@ ends in one line ``Error: ...`` on stderr and exit status 2, never a traceback. 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from rankscope.adapters.resize import check_rule, evaluate_resize
 from rankscope.adapters.resize import resize as resize_adapter
 from rankscope.errors import RankscopeError
-from rankscope.io.atomic import check_out, write_to_path
+from rankscope.io.atomic import check_file_target, check_out, write_to_path
 from rankscope.io.documents import to_json
 from rankscope.io.loading import resolve_adapter
+from rankscope.maths.analysis import MAX_TRACE_RECORDS, analyze_or_read
 from rankscope.maths.analysis import analyze as analyze_path
-from rankscope.maths.analysis import analyze_or_read
 from rankscope.maths.compare import compare as compare_runs
 from rankscope.maths.compare import load_run_for_compare
 from rankscope.maths.dynamics import dynamics
 from rankscope.maths.recommend import recommend as recommend_run
 from rankscope.maths.suggest import check_energy
 from rankscope.maths.suggest import suggest as suggest_ranks
+from rankscope.tasks import models
 from rankscope.tasks.evaluate import build_evaluation
 from rankscope.tasks.runconfig import read_run_config
 from rankscope.views.outputs import recommendation_lines, temporal_view, write_analysis, write_compare, write_sweep
 from rankscope.views.text import compare_lines, suggest_lines, summary_lines
 
 FORMAT_CHOICES = ["peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune"]
+
+
+def _out(line: str) -> None:
+    """One line of what the command was asked for, on stdout (flushed, so an error there is seen now)."""
+    click.echo(line)
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _stdout_for_results_only() -> Iterator[None]:
+    """While a command runs, file descriptor 1 goes to stderr, so that what a C library writes there (LAPACK's
+    messages) never mixes with the output; ``sys.stdout``, which click writes to, stays the real stdout."""
+    try:
+        sys.stdout.flush()
+        real = os.dup(1)
+    except (OSError, AttributeError, ValueError):  # stdout closed: emit_json says so when it is needed
+        yield
+        return
+    saved = sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = open(real, "w", encoding=saved.encoding or "utf-8", errors="replace", closefd=False)
+    try:
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass
+        sys.stdout = saved
+        os.dup2(real, 1)
+        os.close(real)
 
 
 def emit_json(text: str, target: str, human_lines: list[str]) -> None:
@@ -45,16 +80,15 @@ def emit_json(text: str, target: str, human_lines: list[str]) -> None:
         for line in human_lines:
             click.echo(line, err=True)
         try:
-            click.echo(text)
-            sys.stdout.flush()
+            _out(text)
         except OSError as e:
             raise RankscopeError(f"--json -: stdout cannot be written ({e.strerror or e}), so the JSON was lost: "
                                  "expected an open stdout, or --json FILE") from None
     else:
         write_to_path(target, (text + "\n").encode("utf-8"))
         for line in human_lines:
-            click.echo(line)
-        click.echo(f"  json           {target}")
+            _out(line)
+        _out(f"  json           {target}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,7 +102,7 @@ def cli() -> None:
 
 def _echo(lines: list[str]) -> None:
     for line in lines:
-        click.echo(line)
+        _out(line)
 
 
 def _finish(lines: list[str], json_text: str | None, json_target: str | None) -> None:
@@ -78,11 +112,23 @@ def _finish(lines: list[str], json_text: str | None, json_target: str | None) ->
         _echo(lines)
 
 
-def _check_out(out_dir: Path | None) -> None:
-    """Refuse an unusable --out before any work is done (it is checked again when written)."""
+def _check_out(out_dir: Path | None, json_target: str | None = None) -> None:
+    """Refuse an unusable --out or --json FILE before any work is done (--out is checked again when written)."""
+    if json_target not in (None, "-"):
+        check_file_target(json_target)
     if out_dir is not None:
-
         check_out(out_dir, "report", replace=True)
+
+
+def _check_model(spec: str | None) -> None:
+    """--validate's base model, before any work: the packaged ones, a folder with config.json, or a hub id."""
+    if spec is None:
+        raise RankscopeError("--validate needs a base model: pass --model minilm|smollm2|FOLDER (the adapter's folder "
+                             "has no beamlora run config.json naming one)")
+    if str(spec).strip().lower() not in (models.MINILM, models.SMOLLM2) and not (
+            (Path(spec).expanduser() / "config.json").is_file() or models.is_hub_id(spec)):
+        raise RankscopeError(f"--model {spec}: not {models.MINILM!r}, {models.SMOLLM2!r}, a folder with config.json or "
+                             "a Hugging Face hub id (owner/name)")
 
 
 def _written(paths: list[Path]) -> list[str]:
@@ -100,9 +146,11 @@ def _written(paths: list[Path]) -> list[str]:
 @click.option("--spectrum/--no-spectrum", default=True, show_default=True,
               help="Also compute each update's singular values (basis-independent view).")
 @click.option("--module", metavar="NAME", help="For a run: the module whose ranks are drawn over time (default: the most unequal).")
+@click.option("--all-records", is_flag=True,
+              help=f"A rank trace longer than {MAX_TRACE_RECORDS} records: analyse every record, not an even subsample.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
 def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: str | None, spectrum: bool,
-            module: str | None, progress: bool | None) -> None:
+            module: str | None, all_records: bool, progress: bool | None) -> None:
     """Per-rank importance of every LoRA module in PATH.
 
     PATH is a checkpoint file, an adapter folder, or a run folder of snapshots
@@ -111,8 +159,8 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
     For a run it adds the view over training: spread per step, rank-order stability, the step
     from which the order is stable, BeamLoRA operations, and a p_init / Δt recommendation.
     """
-    _check_out(out_dir)
-    document = analyze_path(path, format=format_, spectrum=spectrum, progress=progress)
+    _check_out(out_dir, json_target)
+    document = analyze_path(path, format=format_, spectrum=spectrum, progress=progress, all_records=all_records)
     dyn, rec, temporal_lines = temporal_view(document)
     if dyn is not None:
         document["dynamics"] = dyn
@@ -128,9 +176,11 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
 @click.option("--total-steps", type=click.IntRange(min=3), help="Steps of the long run to plan (default: 3 × this run's last step).")
 @click.option("--json", "json_target", metavar="FILE|-", help="Write the recommendation as JSON to FILE, or to stdout with '-'.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for recommend.json, plots and report.html.")
+@click.option("--all-records", is_flag=True,
+              help=f"A rank trace longer than {MAX_TRACE_RECORDS} records: analyse every record, not an even subsample.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
 def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, out_dir: Path | None,
-              progress: bool | None) -> None:
+              all_records: bool, progress: bool | None) -> None:
     """p_init and Δt for a longer BeamLoRA run, from a short run's snapshots.
 
     RUN_DIR is a run folder (or an analysis.json written by `rankscope analyze`). p_init is
@@ -138,8 +188,8 @@ def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, o
     five operations before end_step (⅔ of the run) but not before the rank order stabilises.
     Every number comes with its reason, and warnings say when the run cannot tell.
     """
-    _check_out(out_dir)
-    document = analyze_or_read(run_dir, progress=progress)
+    _check_out(out_dir, json_target)
+    document = analyze_or_read(run_dir, progress=progress, all_records=all_records)
     dyn = dynamics(document, include_trajectories=False)
     rec = recommend_run(document, total_steps=total_steps, dyn=dyn)
     lines = [f"recommendation for a BeamLoRA run like {document.get('path')}"] + ["  " + x for x in recommendation_lines(rec)]
@@ -167,7 +217,7 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
     """
     if len(paths) < 2:
         raise RankscopeError(f"{len(paths)} path given: expected at least two runs to compare")
-    _check_out(out_dir)
+    _check_out(out_dir, json_target)
     names = [x.strip() for x in labels.split(",")] if labels else None
     if names is not None and len(names) != len(paths):
         raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
@@ -198,6 +248,7 @@ def suggest(path: Path, energy: float, format_: str | None, step: int | None, js
     adapter, or a run folder (its final adapter, or --step N).
     """
     check_energy(energy)  # before anything is read
+    _check_out(None, json_target)
     result = suggest_ranks(path, energy=energy, format=format_, step=step)
     _finish(suggest_lines(result), to_json(result) if json_target else None, json_target)
 
@@ -238,11 +289,13 @@ def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, ma
     are refused. The output folder is written aside and renamed; the input is never touched.
     """
     check_rule(energy, rank, max_error, module_min)  # before anything is read
+    _check_out(None, json_target)
+    run_config = read_run_config(path) if validate and path.is_dir() else None
+    if validate:
+        _check_model(model_spec or (run_config or {}).get("model"))
     result = resize_adapter(path, out_dir, energy=energy, rank=rank, max_error=max_error, module_min=module_min,
                         dtype=dtype, overwrite=overwrite, step=step, format=format_)
     if validate:
-
-        run_config = read_run_config(path) if path.is_dir() else None
         result.validation = evaluate_resize(resolve_adapter(path, step, format_), out_dir, model_spec, data, metric,
                                          examples, run_config)
     _finish(result.summary_lines(), to_json(result.to_dict()) if json_target else None, json_target)
@@ -311,7 +364,7 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str |
     from rankscope.adapters.sweep import sweep as run_sweep
 
     # Options first: a typo (or an --out that cannot be written) should not cost a model load.
-    _check_out(out_dir)
+    _check_out(out_dir, json_target)
     fraction_list = _fractions(fractions)
     energy_list = _energies(energies)
     order_list = [o.strip() for o in orders.split(",") if o.strip()]
@@ -329,10 +382,13 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str |
     _finish(lines, result.to_json() if json_target else None, json_target)
 
 
-def run(group: click.Group, prog_name: str, argv: list[str] | None, errors: tuple[type[Exception], ...]) -> None:
-    """Run a click group; known errors, missing parts and OS errors become one ``Error:`` line, exit 2."""
+def run(group: click.Group, prog_name: str, argv: list[str] | None, errors: tuple[type[Exception], ...],
+        results_only: bool = False) -> None:
+    """Run a click group; known errors, missing parts and OS errors become one ``Error:`` line, exit 2.
+    ``results_only``: stdout carries only what the command writes with :func:`_out`."""
     try:
-        group.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        with _stdout_for_results_only() if results_only else contextlib.nullcontext():
+            group.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
@@ -352,7 +408,7 @@ def run(group: click.Group, prog_name: str, argv: list[str] | None, errors: tupl
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rankscope``."""
-    run(cli, "rankscope", argv, (RankscopeError,))
+    run(cli, "rankscope", argv, (RankscopeError,), results_only=True)
 
 
 if __name__ == "__main__":

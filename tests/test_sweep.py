@@ -232,7 +232,7 @@ def test_compression_view_keeps_each_modules_energy_rank(graded, tmp_path):
     least = {p.fraction: p for p in result.points if p.order == "least"}
     assert least[0.5].params_kept == pytest.approx(0.5) and least[0].params_kept == 1.0
     paths = write_sweep(result, tmp_path / "out")
-    assert [q.name for q in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png"]
+    assert [q.name for q in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png", "report.html"]
     assert "params_kept,energy" in (tmp_path / "out" / "sweep.csv").read_text().splitlines()[0]
     assert "95%" not in result.summary_line() and "0.99" not in result.summary_line()  # only 95% is summarised
 
@@ -332,7 +332,7 @@ def test_outputs_json_csv_plot_and_summary(graded, tmp_path):
     model, _, adapter = graded
     result = sweep(model, adapter, neg_mse_to(model), fractions=FRACTIONS, seeds=2, progress=False)
     paths = write_sweep(result, tmp_path / "out")
-    assert [p.name for p in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png"]
+    assert [p.name for p in paths] == ["sweep.json", "sweep.csv", "sweep.png", "compression.png", "report.html"]
     document = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert document["schema"] == "rankscope/sweep-v1" and document["metric"] == "neg_mse"
     assert document["baseline"] == result.baseline

@@ -22,6 +22,7 @@ written, and the input is never touched.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections import Counter, deque
@@ -181,7 +182,20 @@ def _new_factors(module: LoraModule, rule: dict[str, Any]) -> tuple[np.ndarray, 
     if not (np.isfinite(A).all() and np.isfinite(B).all()):
         raise RankscopeError(f"{module.name} holds NaN or Inf in its A or B: it has no best rank-k approximation; "
                              "expected finite weights (rankscope analyze reports which modules are affected)")
-    A_full, B_full, sigma = imp.truncated_factors(A, B, module.rank, module.rank_weights)
+    if not math.isfinite(module.scale):
+        raise RankscopeError(f"{module.name} has scale {module.scale}: it has no best rank-k approximation; expected a "
+                             "finite lora_alpha / r")
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            A_full, B_full, sigma = imp.truncated_factors(A, B, module.rank, module.rank_weights)
+        except np.linalg.LinAlgError:
+            sigma = np.array([np.inf])
+    with np.errstate(over="ignore"):
+        overflow = not np.isfinite(module.scale * sigma).all()  # ΔW = scale · B · A itself overflows
+    if overflow or not (np.isfinite(A_full).all() and np.isfinite(B_full).all()):
+        raise RankscopeError(f"the update of {module.name} overflows float64 (largest |A| {np.abs(A).max():.3g}, |B| "
+                             f"{np.abs(B).max():.3g}, scale {module.scale:.3g}): it has no finite best rank-k "
+                             "approximation; expected weights whose product with the scale is finite")
     zero = not sigma.any()
     k = module_rank(sigma, module.rank, energy=rule["energy"], fixed=rule["rank"], max_error=rule["max_error"],
                     module_min=rule["module_min"])
@@ -226,6 +240,11 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
                 key = module.keys[role]
                 stored = _stored(array, tf.shape(key), transposed)
                 kind = dtype or _writable(tf.dtype(key))
+                largest = float(np.abs(stored).max()) if stored.size else 0.0
+                if largest > _LARGEST[kind]:
+                    raise RankscopeError(f"{module.name}: its new {role} reaches {largest:.4g}, beyond the largest "
+                                         f"{kind} number ({_LARGEST[kind]:.4g}), so writing {kind} would store Inf: "
+                                         "expected --dtype fp32 (or bf16) for this adapter")
                 out[key] = (kind, stored.shape, encode_tensor(stored, kind))
             if "alpha" in module.keys:  # kohya / diffusers: alpha / r must stay the trained scale
                 key = module.keys["alpha"]
@@ -252,6 +271,10 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
         notes.append(f"{len(zero)} module(s) have a zero update ({zero[0]}{', ...' if len(zero) > 1 else ''}): "
                      f"kept at rank {rule['module_min']} with zeros")
     return out, rows, ranks, notes
+
+
+_LARGEST = {"F64": float(np.finfo(np.float64).max), "F32": float(np.finfo(np.float32).max),
+            "F16": float(np.finfo(np.float16).max), "BF16": 3.3895313892515355e38}  # finite numbers each dtype holds
 
 
 def _writable(dtype: str) -> str:

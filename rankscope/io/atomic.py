@@ -130,6 +130,7 @@ def check_out(path: str | os.PathLike, kind: str, replace: bool, option: str = "
     if os.path.lexists(path) and not path.is_dir():
         raise RankscopeError(f"{option} {given} is a file: expected a folder for the outputs")
     if not path.is_dir() or not any(path.iterdir()):
+        _check_writable(path.parent, given, option)
         return path
     foreign = foreign_files(path, kind)
     if not replace:
@@ -141,6 +142,29 @@ def check_out(path: str | os.PathLike, kind: str, replace: bool, option: str = "
                              f"hold one {kind} rankscope wrote: expected a new or empty folder, or a {kind} folder "
                              "rankscope wrote (replaced as a whole); nothing was touched")
     return path
+
+
+def _check_writable(folder: Path, given: Path, option: str) -> None:
+    """Make and remove a folder in ``folder`` (or the nearest one that exists): a path that cannot be written is
+    found before the work, not after it."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rankscope-probe-", dir=folder))
+    except OSError as e:
+        raise RankscopeError(f"{option} {given} cannot be written ({e.strerror or e} in {folder}): expected a "
+                             "writable place") from None
+
+
+def check_file_target(path: str | os.PathLike, option: str = "--json") -> None:
+    """Before any work: a file target (``--json FILE``) that is a folder, or whose folder cannot be written, is
+    refused now; a device, a FIFO or a symlink's target is checked when written (:func:`write_to_path`)."""
+    given = Path(path)
+    target = Path(os.path.realpath(given))
+    if target.is_dir():
+        raise RankscopeError(f"{option} {given} is a folder: expected a file to write (or - for stdout)")
+    if not os.path.lexists(target):
+        _check_writable(target.parent, given, option)
 
 
 def _keep_aside(tmp: Path, path: Path) -> Path:

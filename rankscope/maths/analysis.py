@@ -53,6 +53,13 @@ def nonfinite_error(name: str, parts: list[str]) -> str:
     return f"{where} of {name} hold NaN or Inf: no importance can be computed for this module"
 
 
+def overflow_error(module: LoraModule, A: np.ndarray, B: np.ndarray) -> str:
+    """The ``error`` of a module whose A, B and scale are finite but whose update overflows float64."""
+    return (f"the update of {module.name} overflows float64: its A and B are finite (largest |A| "
+            f"{np.abs(A).max():.3g}, |B| {np.abs(B).max():.3g}) but scale {module.scale:.3g} · B · A is not: no "
+            "importance can be computed for this module")
+
+
 def module_entry(module: LoraModule, importance: np.ndarray | None, spectrum: np.ndarray | None = None,
                  error: str | None = None) -> dict[str, Any]:
     """One module's JSON-ready entry from its metadata, importances and spectrum (no A or B is read).
@@ -98,11 +105,19 @@ def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
     # Widened to float64 once here, not again inside each importance function.
     with np.errstate(invalid="ignore"):  # a signalling NaN in fp16 warns when widened; it is reported below
         A, B = np.asarray(module.A, dtype=np.float64), np.asarray(module.B, dtype=np.float64)
-    values = imp.rank_importance(A, B, module.scale, module.coefficients)
-    if not np.isfinite(values).all():
-        bad = [what for what, x in (("A", A), ("B", B)) if not np.isfinite(x).all()]
+    bad = [what for what, x in (("A", A), ("B", B)) if not np.isfinite(x).all()]
+    if bad or not math.isfinite(module.scale):
         return module_entry(module, None, error=nonfinite_error(module.name, bad))
-    spectral = imp.update_spectrum(A, B, module.scale, module.coefficients) if spectrum else None
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported as such below
+        values = imp.rank_importance(A, B, module.scale, module.coefficients)
+        try:
+            spectral = imp.update_spectrum(A, B, module.scale, module.coefficients) if spectrum else None
+        except np.linalg.LinAlgError:  # LAPACK met Inf from an overflow
+            spectral = np.full(module.rank, np.inf)
+    if not np.isfinite(values).all() or (spectral is not None and not np.isfinite(spectral).all()):
+        if module.coefficients is not None and not np.isfinite(module.coefficients).all():
+            return module_entry(module, None, error=nonfinite_error(module.name, []))
+        return module_entry(module, None, error=overflow_error(module, A, B))
     return module_entry(module, values, spectral)
 
 
@@ -234,10 +249,11 @@ def one_blas_thread() -> Iterator[None]:
 
 
 def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool = True,
-            progress: bool | None = None, last_only: bool = False) -> dict[str, Any]:
+            progress: bool | None = None, last_only: bool = False, all_records: bool = False) -> dict[str, Any]:
     """Analyse a checkpoint or every snapshot of a run (only the last with ``last_only``), one
     snapshot in memory at a time. A run's rank trace (``rank_trace.jsonl``, or the file itself), when
-    there is one, gives the snapshots instead of its snapshot folders: layout ``"trace"``.
+    there is one, gives the snapshots instead of its snapshot folders: layout ``"trace"`` (at most
+    :data:`MAX_TRACE_RECORDS` of them, evenly spread, unless ``all_records``).
 
     Returns the ``rankscope/analysis-v1`` document (see the README for its fields).
     """
@@ -246,7 +262,7 @@ def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool =
     if traced:  # recorded while training: the dense time axis, nothing to load (snapshot folders stay for sweeps)
 
         with one_blas_thread():
-            snapshots = trace_snapshots(found.trace, spectrum, last_only, progress)
+            snapshots = trace_snapshots(found.trace, spectrum, last_only, progress, all_records)
     else:
         refs = found.snapshots if isinstance(found, Series) else [found]
         refs = refs[-1:] if last_only else refs
@@ -269,11 +285,11 @@ def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool =
 
 
 def analyze_or_read(path: str | os.PathLike, format: str | None = None, progress: bool | None = None,
-                    last_only: bool = False) -> dict[str, Any]:
+                    last_only: bool = False, all_records: bool = False) -> dict[str, Any]:
     """An analysis document from a checkpoint path, or from a JSON file ``rankscope analyze`` wrote."""
     if str(path).endswith(".json") and os.path.isfile(path):
         return load_document(path)
-    return analyze(path, format=format, progress=progress, last_only=last_only)
+    return analyze(path, format=format, progress=progress, last_only=last_only, all_records=all_records)
 
 
 __all__ = ["SCHEMA", "analyze", "analyze_checkpoint", "analyze_module", "module_entry", "summarize", "load_document",
@@ -333,11 +349,23 @@ def record_snapshot(record: dict[str, Any], path: str | os.PathLike, spectrum: b
 
 
 
-def trace_snapshots(path: str | os.PathLike, spectrum: bool = True, last_only: bool = False,
-                    progress: bool | None = None) -> list[dict[str, Any]]:
-    """Every record of a trace as an analysis snapshot (only the newest with ``last_only``).
+MAX_TRACE_RECORDS = 1000  # records analysed from one trace: an even subsample of a longer one (all_records: every one)
 
-    Reading notes (incomplete lines, replaced records) go into the last snapshot's ``notes``.
+
+def even_subsample(count: int, limit: int) -> list[int]:
+    """``limit`` indices of ``range(count)`` spread evenly, the first and the last included (all when count ≤ limit)."""
+    if count <= limit:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
+def trace_snapshots(path: str | os.PathLike, spectrum: bool = True, last_only: bool = False,
+                    progress: bool | None = None, all_records: bool = False) -> list[dict[str, Any]]:
+    """The records of a trace as analysis snapshots: every one up to :data:`MAX_TRACE_RECORDS`, an even
+    subsample of a longer trace (first and last kept, with a note) unless ``all_records``, only the newest
+    with ``last_only``. Records are read one at a time; only each line's step is read from the rest.
+
+    Reading notes (incomplete lines, replaced records, the subsample) go into the last snapshot's ``notes``.
     """
     path = Path(path)
     notes: list[str] = []
@@ -345,10 +373,15 @@ def trace_snapshots(path: str | os.PathLike, spectrum: bool = True, last_only: b
         record = last_record(path, notes)
         snapshots = [record_snapshot(record, path, spectrum)] if record is not None else []
     else:
-        index = index_records(path)
-        with progress_bar(len(index[0]), progress, "reading the rank trace", "record") as bar:
+        kept, bad, replaced = index_records(path)
+        if not all_records and len(kept) > MAX_TRACE_RECORDS:
+            chosen = [kept[i] for i in even_subsample(len(kept), MAX_TRACE_RECORDS)]
+            notes.append(f"{path}: {len(kept)} records; an even subsample of {len(chosen)} is analysed (steps "
+                         f"{chosen[0][1]} to {chosen[-1][1]}, first and last kept): --all-records takes every one")
+            kept = chosen
+        with progress_bar(len(kept), progress, "reading the rank trace", "record") as bar:
             snapshots = [record_snapshot(record, path, spectrum)
-                         for record in iter_records(path, notes, lambda: bar.update(1), index)]
+                         for record in iter_records(path, notes, lambda: bar.update(1), (kept, bad, replaced))]
     if not snapshots:
         raise RankscopeError(f"{path} holds no complete rank trace record: expected lines of "
                              f"{{\"schema\": \"{TRACE_SCHEMA}\", \"step\": ..., \"modules\": [...]}}")

@@ -30,6 +30,7 @@ pilot that is literally the head of the long run).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -103,14 +104,15 @@ def _observed_last_step(steps: list[int | None]) -> int | None:
 def choose_delta_t(stable_step: int | None, observed: int | None, total_steps: int, scale: bool) -> dict[str, Any]:
     """Δt = max(end_step / 6, stable step in the long run's units); and how many operations then fit."""
     end_step = sched.default_end_step(total_steps)  # what BeamLoraConfig resolves end_step=None to
-    base = end_step / (OPERATIONS + 1)  # operations run strictly before end_step, where p reaches 1
+    # Exact fractions, not floats: a run of 10**18 steps still gets the exact integer Δt.
+    base = Fraction(end_step, OPERATIONS + 1)  # operations run strictly before end_step, where p reaches 1
     stable_long = None
     if stable_step is not None:
-        stable_long = stable_step * total_steps / observed if scale and observed else float(stable_step)
-    delta_t = min(int(math.ceil(max(base, stable_long or 0.0) - 1e-9)), end_step)
+        stable_long = Fraction(stable_step * total_steps, observed) if scale and observed else Fraction(stable_step)
+    delta_t = min(math.ceil(max(base, stable_long or Fraction(0))), end_step)
     delta_t = max(sched.MIN_DELTA_T, delta_t)  # beamlora train rejects a smaller Δt
-    return {"end_step": end_step, "base": base, "stable_long": stable_long, "delta_t": delta_t,
-            "bound_by_stability": stable_long is not None and stable_long > base,
+    return {"end_step": end_step, "base": float(base), "stable_long": None if stable_long is None else float(stable_long),
+            "delta_t": delta_t, "bound_by_stability": stable_long is not None and stable_long > base,
             "operations": len(operation_steps(delta_t, end_step, total_steps))}
 
 

@@ -74,10 +74,16 @@ def utilisation_verdict(summary: dict[str, Any]) -> dict[str, Any]:
     n, errors = summary["modules"], len(summary["errors"])
     if per_rank is None and spectral in (None, "zero"):
         if errors and errors == n:
-            sentence = "no module could be analysed: every module's A or B holds NaN or Inf"
+            diverged = sum("NaN or Inf" in e for e in summary["errors"])
+            sentence = ("every module holds NaN or Inf: the training diverged; nothing to analyse" if diverged == n else
+                        f"no module could be analysed: {diverged} hold NaN or Inf and {n - diverged} have an update "
+                        "that overflows float64 (each is named below)")
         elif errors:
             sentence = (f"nothing has been learned yet in the {n - errors} readable modules (every update is exactly "
                         f"zero, as at initialisation); {errors} module(s) hold NaN or Inf")
+        elif summary.get("scales") and all(s == 0 for s in summary["scales"]):
+            sentence = ("every update is exactly zero because the scale is 0 (lora_alpha 0): there are no ranks or "
+                        "directions to compare")
         else:
             sentence = ("nothing has been learned yet: every update is exactly zero (B = 0, as at initialisation), "
                         "so there are no ranks or directions to compare")

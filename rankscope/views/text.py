@@ -82,7 +82,11 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             line += (f"; k95 / r {fmt(first['energy_rank_ratio']['median'], 2)} -> "
                      f"{fmt(s['energy_rank_ratio']['median'], 2)}")
         lines.append(line)
-    for error in s["errors"]:
+    errors = s["errors"]
+    if len(errors) > 5:
+        lines.append(f"  problems       {len(errors)} of {s['modules']} modules could not be analysed; the first five "
+                     "(every module's error is in the JSON):")
+    for error in errors[:5]:
         lines.append(f"  problem        {error}")
     for note in last.get("notes", []):
         lines.append(f"  note           {note}")
