@@ -26,9 +26,14 @@ def __getattr__(name: str):
         from rankscope.adapters.sweep import sweep
 
         return sweep
+    if name == "to_frame":  # pandas loads only when a DataFrame is asked for
+        from rankscope.views.frames import to_frame
+
+        return to_frame
     if name in _SUBMODULES:
         return importlib.import_module(f"rankscope.{name}")
     raise AttributeError(f"module 'rankscope' has no attribute {name!r}")
 
 
-__all__ = ["analyze", "load", "discover", "Checkpoint", "Series", "SnapshotRef", "LoraModule", "RankscopeError", "sweep"]
+__all__ = ["analyze", "load", "discover", "Checkpoint", "Series", "SnapshotRef", "LoraModule", "RankscopeError", "sweep",
+           "to_frame"]

@@ -30,6 +30,7 @@ from rankscope.maths.dynamics import dynamics
 from rankscope.maths.recommend import recommend as recommend_run
 from rankscope.maths.suggest import check_energy
 from rankscope.maths.suggest import suggest as suggest_ranks
+from rankscope.progress import progress_bar
 from rankscope.tasks import models
 from rankscope.tasks.evaluate import build_evaluation
 from rankscope.tasks.runconfig import read_run_config
@@ -137,7 +138,7 @@ def _written(paths: list[Path]) -> list[str]:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Folder for analysis.json, plots (deciles, heatmap; for a run also rank_heatmap, spread_over_time, "
                    "stability) and report.html.")
@@ -148,9 +149,13 @@ def _written(paths: list[Path]) -> list[str]:
 @click.option("--module", metavar="NAME", help="For a run: the module whose ranks are drawn over time (default: the most unequal).")
 @click.option("--all-records", is_flag=True,
               help=f"A rank trace longer than {MAX_TRACE_RECORDS} records: analyse every record, not an even subsample.")
+@click.option("--table", "table_target", metavar="FILE|-",
+              help="Survey several adapters (PATH ...): one row each (format, modules, ranks, medians of both views, "
+                   "verdict, or the error that stopped it) to FILE.csv, FILE.parquet (with pyarrow), or - (CSV on stdout).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
-def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: str | None, spectrum: bool,
-            module: str | None, all_records: bool, progress: bool | None) -> None:
+def analyze(paths: tuple[Path, ...], out_dir: Path | None, json_target: str | None, format_: str | None,
+            spectrum: bool, module: str | None, all_records: bool, table_target: str | None,
+            progress: bool | None) -> None:
     """Per-rank importance of every LoRA module in PATH.
 
     PATH is a checkpoint file, an adapter folder, or a run folder of snapshots
@@ -159,6 +164,15 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
     For a run it adds the view over training: spread per step, rank-order stability, the step
     from which the order is stable, BeamLoRA operations, and a p_init / Δt recommendation.
     """
+    if table_target is not None:
+        if out_dir is not None or json_target is not None:
+            raise RankscopeError("--table with --out or --json: expected one of them (--table surveys many adapters, "
+                                 "--out and --json write one adapter's analysis)")
+        _survey(paths, table_target, format_, spectrum, all_records, progress)
+        return
+    if len(paths) > 1:
+        raise RankscopeError(f"{len(paths)} paths given: expected one PATH, or --table FILE for one row per adapter")
+    path = paths[0]
     _check_out(out_dir, json_target)
     document = analyze_path(path, format=format_, spectrum=spectrum, progress=progress, all_records=all_records)
     dyn, rec, temporal_lines = temporal_view(document)
@@ -169,6 +183,30 @@ def analyze(path: Path, out_dir: Path | None, json_target: str | None, format_: 
 
         lines += _written(write_analysis(document, out_dir, dyn, rec, module))
     _finish(lines, to_json(document) if json_target else None, json_target)
+
+
+def _survey(paths: tuple[Path, ...], target: str, format_: str | None, spectrum: bool, all_records: bool,
+            progress: bool | None) -> None:
+    """``analyze A B C --table FILE``: one row per adapter; an input that fails is a row with its error."""
+    if target != "-":
+        check_file_target(target, "--table")
+    # imported on use: pandas loads only when a table is asked for
+    from rankscope.views.frames import survey_row, write_table
+
+    rows = []
+    with progress_bar(len(paths), progress, "analysing adapters", "adapter") as bar:
+        for path in paths:
+            try:
+                rows.append(survey_row(str(path), analyze_path(path, format=format_, spectrum=spectrum,
+                                                               progress=False, all_records=all_records)))
+            except RankscopeError as e:
+                rows.append(survey_row(str(path), None, str(e)))
+            bar.update(1)
+    write_table(rows, target)
+    failed = sum(row["modules"] is None for row in rows)
+    line = (f"survey: {len(rows)} adapters, {len(rows) - failed} analysed, {failed} with an error"
+            + ("" if target == "-" else f"\n  table          {target}"))
+    click.echo(line, err=target == "-")
 
 
 @cli.command()
