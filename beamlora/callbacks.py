@@ -11,6 +11,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from beamlora.controller import BeamLoraController
 from beamlora.errors import BeamLoraError
+from beamlora.files import as_open_gives, writing
 from beamlora.runfolder import COMPLETE, prune_checkpoints
 from beamlora.snapshots import is_main_process, snapshot_dir, write_adapter
 from rankscope.constants import STATE_FILE
@@ -52,9 +53,10 @@ class BeamLoraCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if is_main_process():
             folder = _checkpoint_dir(args, state)
-            folder.mkdir(parents=True, exist_ok=True)
             state_dict = self.controller.state_dict()
-            write_with(folder / STATE_FILE, lambda tmp: torch.save(state_dict, tmp))
+            with writing(folder / STATE_FILE):
+                folder.mkdir(parents=True, exist_ok=True)
+                write_with(folder / STATE_FILE, lambda tmp: torch.save(state_dict, tmp))
 
 
 class SnapshotCallback(TrainerCallback):
@@ -96,11 +98,12 @@ class CheckpointMarker(TrainerCallback):
         self.extra = extra
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-
         if not is_main_process():
             return
         folder = _checkpoint_dir(args, state)
-        for name, value in self.extra().items():
-            write_json(folder / name, value)
-        write_json(folder / COMPLETE, {"step": state.global_step})
+        with writing(folder):
+            for name, value in self.extra().items():
+                write_json(folder / name, value)
+            as_open_gives(folder)  # Trainer's safetensors files come out 0600
+            write_json(folder / COMPLETE, {"step": state.global_step})
         prune_checkpoints(self.run_dir, keep=folder)

@@ -24,6 +24,7 @@ from torch import nn
 
 from beamlora.config import BeamLoraConfig
 from beamlora.errors import BeamLoraError
+from beamlora.files import writing
 from beamlora.layer import ScoredLayer, add_scores
 from beamlora.snapshots import is_main_process, snapshot_dir, write_adapter
 from rankscope.constants import EVENTS_FILE
@@ -250,7 +251,9 @@ class BeamLoraController:
     def write_events(self) -> None:
         if self.config.output_dir and is_main_process():
             lines = "".join(json.dumps(event, allow_nan=False) + "\n" for event in self.events)
-            write_text(Path(self.config.output_dir) / EVENTS_FILE, lines)
+            path = Path(self.config.output_dir) / EVENTS_FILE
+            with writing(path):
+                write_text(path, lines)
 
     def save_snapshot(self, step: int | None = None) -> Path | None:
         """Write ``output_dir/step-NNNNNN/``: the plain adapter and the raw scores (rank 0 only)."""

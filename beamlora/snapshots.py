@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from beamlora.files import as_open_gives, writing
 from beamlora.layer import ScoredLayer
 from rankscope.constants import SCORES_FILE
 from rankscope.io.atomic import atomic_dir
@@ -48,12 +49,14 @@ def write_adapter(model: nn.Module, path: str | os.PathLike, layers: Sequence[Sc
     """Save ``model``'s adapter with PEFT's ``save_pretrained`` into ``path`` (temporary folder, then rename).
 
     With BeamLoRA ``layers``, w is folded into A and the raw scores go beside the adapter in
-    ``beamlora_scores.safetensors`` (keys: module paths, float32 (r,) tensors).
+    ``beamlora_scores.safetensors`` (keys: module paths, float32 (r,) tensors). The files get the modes
+    ``open()`` gives under the umask (safetensors writes its own 0600). A failed write (a full disk) is one
+    :class:`beamlora.files.WriteError` naming ``path``, and nothing of it is left.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with writing(path), atomic_dir(path) as tmp:
         with folded(layers):
             model.save_pretrained(str(tmp))
         if layers and with_scores:
@@ -61,4 +64,5 @@ def write_adapter(model: nn.Module, path: str | os.PathLike, layers: Sequence[Sc
             metadata = {"format": "beamlora", "temperature": repr(layers[0].temperature),
                         "step": "" if step is None else str(step)}
             save_file(scores, str(tmp / SCORES_FILE), metadata=metadata)
+        as_open_gives(tmp)
     return path

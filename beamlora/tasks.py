@@ -16,9 +16,9 @@ from beamlora.errors import BeamLoraError
 from rankscope.constants import GENERATIONS_FILE
 from rankscope.tasks import models, sft
 from rankscope.tasks.classification import causal_collator, classification_metrics, encode_causal, encode_classification
-from rankscope.tasks.data import load_data, majority_rate, split
+from rankscope.tasks.data import TextDataset, load_data, majority_rate, split
 from rankscope.tasks.models import head_of
-from rankscope.tasks.sft_data import load_sft_data
+from rankscope.tasks.sft_data import SftData, load_sft_data
 
 if TYPE_CHECKING:
     from beamlora.config import TrainConfig
@@ -41,11 +41,26 @@ class TaskParts:
     files: Callable[[], dict[str, str]] | None = None  # the task's own files for the run folder, at the end
 
 
-def sft_parts(config: "TrainConfig", progress: bool = True, log: Callable[[str], None] = print) -> TaskParts:
-    data = load_sft_data(config.data, config.held_out, config.seed)
-    if len(data.train) < config.batch_size:
-        raise BeamLoraError(f"{config.data}: {len(data.train)} training examples, expected at least one batch of "
-                            f"{config.batch_size}")
+def task_data(config: "TrainConfig") -> Any:
+    """The task's data, read and checked (a FIFO, an unreadable file, a bad line is one error): the first thing a
+    run does, before its folder is touched and before any model loads."""
+    if config.task == "sft":
+        data = load_sft_data(config.data, config.held_out, config.seed)
+        if len(data.train) < config.batch_size:
+            raise BeamLoraError(f"{config.data}: {len(data.train)} training examples, expected at least one batch "
+                                f"of {config.batch_size}")
+        return data
+    dataset = load_data(config.data)
+    if len(dataset) <= config.held_out + config.batch_size:
+        raise BeamLoraError(f"{config.data}: {len(dataset)} examples, expected more than held_out={config.held_out} "
+                            f"+ one batch of {config.batch_size}")
+    return dataset
+
+
+def sft_parts(config: "TrainConfig", progress: bool = True, log: Callable[[str], None] = print,
+              data: SftData | None = None) -> TaskParts:
+    """Instruction tuning; ``data``: what :func:`task_data` read (None: read it now)."""
+    data = data if data is not None else task_data(config)
     models.check_causal_lm(config.model)  # from config.json: no weights loaded yet
     tokenizer, note = models.load_tokenizer(config.model)
     if note:
@@ -80,13 +95,11 @@ def sft_parts(config: "TrainConfig", progress: bool = True, log: Callable[[str],
                      "CAUSAL_LM", record, eval_at_start=True, files=files)
 
 
-def classification_parts(config: TrainConfig) -> TaskParts:
-    """Sequence classification (or label words of a causal LM) on a labelled text set."""
+def classification_parts(config: TrainConfig, dataset: TextDataset | None = None) -> TaskParts:
+    """Sequence classification (or label words of a causal LM) on a labelled text set; ``dataset``: what
+    :func:`task_data` read (None: read it now)."""
     # Data first: bad input fails in a second, before any model loads.
-    dataset = load_data(config.data)
-    if len(dataset) <= config.held_out + config.batch_size:
-        raise BeamLoraError(f"{config.data}: {len(dataset)} examples, expected more than held_out={config.held_out} "
-                            f"+ one batch of {config.batch_size}")
+    dataset = dataset if dataset is not None else task_data(config)
     train_set, held_out = split(dataset, config.held_out, config.seed)
     kind = head_of(config.model)
 

@@ -9,7 +9,9 @@ metrics at each evaluation), ``step-NNNNNN/`` snapshots, ``events.jsonl`` (BeamL
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,12 @@ from typing import Any, Callable
 
 from beamlora.config import TrainConfig
 from beamlora.errors import BeamLoraError
+from beamlora.files import WriteError, failure_reason, user_path, writing
 from beamlora.guards import check_metrics, guard_loss, schedule_warning, width_warning
 from beamlora.runfolder import CHECKPOINTS, HELD_OUT_STATE, Interrupted, RunFolder, signal_name, stop_on_signals
-from beamlora.tasks import classification_parts, sft_parts
+from beamlora.tasks import classification_parts, sft_parts, task_data
 from rankscope.constants import METRICS_FILE, RUN_CONFIG
-from rankscope.io.atomic import write_json, write_text
+from rankscope.io.atomic import write_json, write_manifest, write_text
 from rankscope.tasks import models
 
 
@@ -75,25 +78,61 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
 
     if config.method == "beamlora" and (warning := schedule_warning(config.beamlora_config(None))):
         log(warning)
+    data = task_data(config)  # bad data fails here, before the run folder is touched
     folder = RunFolder.open(config.out, overwrite=overwrite, resume=resume)
     try:
         for note in folder.notes:
             log(note)
-        result = _train_in(folder, config, progress, log)
-        folder.finish()
+        result = _train_in(folder, config, data, progress, log)
+        with writing(folder.path):
+            folder.finish()
         result.run_dir = folder.path
         return result
-    except BaseException:
-        folder.abandon()
-        raise
+    except BaseException as e:
+        failed = _failed_write(e, folder)
+        kept = folder.abandon(write_failed=failed is not None)
+        if failed is None:
+            raise
+        raise WriteError(failed.path, f"{failed.reason}; {kept}" if kept else failed.reason, failed.errno) from None
     finally:
         folder.close()
 
 
-def _train_in(folder: Any, config: TrainConfig, progress: bool, log: Callable[[str], None]) -> RunResult:
+_DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def _failed_write(error: BaseException, folder: RunFolder) -> WriteError | None:
+    """``error`` as a failed write (a full disk) of the run, naming the path the user knows; None if it is not one.
+
+    Writes through our own code come as :class:`WriteError`; an ``OSError`` counts where it names a file of the run
+    (the rank trace, say), not one the run only reads (a model's).
+    """
+    if isinstance(error, WriteError):
+        return error
+    reason = failure_reason(error)
+    filename = getattr(error, "filename", None)
+    if reason is None:
+        return None
+    code = getattr(error, "errno", None)
+    if filename is None:  # a write to a file already open (the rank trace's append) names none
+        return WriteError(folder.path, reason, code) if code in _DISK_ERRORS else None
+    if not isinstance(filename, (str, os.PathLike)):
+        return None
+    named = Path(os.path.abspath(filename))
+    path = Path(os.path.abspath(folder.path))
+    if named == path.parent / f".{path.name}.lock":
+        return WriteError(named, reason, code)
+    for root in (Path(os.path.abspath(folder.work)), path):
+        if named == root or root in named.parents:
+            return WriteError(user_path(path / named.relative_to(root)), reason, code)
+    return None
+
+
+def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: Callable[[str], None]) -> RunResult:
     """The run itself, written into ``folder.work``."""
 
-    parts = sft_parts(config, progress=progress, log=log) if config.task == "sft" else classification_parts(config)
+    parts = (sft_parts(config, progress=progress, log=log, data=data) if config.task == "sft"
+             else classification_parts(config, data))
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -117,7 +156,8 @@ def _train_in(folder: Any, config: TrainConfig, progress: bool, log: Callable[[s
     run_dir = folder.work
     record = {**dataclasses.asdict(config), "targets": targets, **parts.record}
     if folder.resume_from is None and not (run_dir / RUN_CONFIG).is_file():
-        write_json(run_dir / RUN_CONFIG, {**record, "versions": _versions()})
+        with writing(run_dir / RUN_CONFIG):
+            write_json(run_dir / RUN_CONFIG, {**record, "versions": _versions()})
     else:
         folder.check_same_run(record, [f.name for f in dataclasses.fields(TrainConfig)])
 
@@ -174,7 +214,8 @@ def _train_in(folder: Any, config: TrainConfig, progress: bool, log: Callable[[s
             log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
         def write(self) -> None:
-            write_text(run_dir / METRICS_FILE, "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
+            with writing(run_dir / METRICS_FILE):
+                write_text(run_dir / METRICS_FILE, "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
 
     held_out = HeldOut()
     if folder.resume_from is not None:
@@ -190,8 +231,16 @@ def _train_in(folder: Any, config: TrainConfig, progress: bool, log: Callable[[s
             seed=config.seed, data_seed=config.seed, save_strategy="steps" if every else "no", save_steps=every or None,
             logging_steps=max(1, min(10, config.steps // 10)), report_to=[], disable_tqdm=not progress,
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False)
-        trainer = Trainer(model=model, args=args, train_dataset=parts.train_data, data_collator=parts.collate,
-                          callbacks=callbacks)
+
+        class CheckpointingTrainer(Trainer):
+            """A checkpoint that cannot be written (a full disk) is one error naming its folder."""
+
+            def _save_checkpoint(self, *given: Any, **named: Any) -> Any:
+                with writing(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
+                    return super()._save_checkpoint(*given, **named)
+
+        trainer = CheckpointingTrainer(model=model, args=args, train_dataset=parts.train_data,
+                                       data_collator=parts.collate, callbacks=callbacks)
         quiet_logs(trainer, progress)
         guard_loss(trainer, run_dir, on_loss=lambda value: held_out.losses.append(value))
         trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
@@ -205,9 +254,12 @@ def _train_in(folder: Any, config: TrainConfig, progress: bool, log: Callable[[s
         controller.export(run_dir / "final")
     else:
         write_adapter(model, run_dir / "final")
-    tokenizer.save_pretrained(str(run_dir / "final"))
+    with writing(run_dir / "final"):
+        tokenizer.save_pretrained(str(run_dir / "final"))
+        write_manifest(run_dir / "final", "adapter")  # the tokenizer's files are the adapter folder's too
     for name, text in (parts.files() if parts.files else {}).items():
-        write_text(run_dir / name, text)
+        with writing(run_dir / name):
+            write_text(run_dir / name, text)
     final = metrics[-1]
     return RunResult(run_dir=run_dir, task=parts.kind, accuracy=final.get("accuracy"), majority_rate=parts.baseline,
                      metrics=metrics, events=len(controller.events) if controller else 0)

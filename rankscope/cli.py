@@ -32,6 +32,7 @@ from rankscope.maths.suggest import check_energy
 from rankscope.maths.suggest import suggest as suggest_ranks
 from rankscope.progress import progress_bar
 from rankscope.tasks import models
+from rankscope.tasks.data import open_data_file
 from rankscope.tasks.evaluate import build_evaluation
 from rankscope.tasks.runconfig import read_run_config
 from rankscope.views.outputs import recommendation_lines, temporal_view, write_analysis, write_compare, write_sweep
@@ -331,6 +332,8 @@ def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, ma
     run_config = read_run_config(path) if validate and path.is_dir() else None
     if validate:
         _check_model(model_spec or (run_config or {}).get("model"))
+        if data is not None and Path(data).suffix:  # a data file (not a packaged set): readable, before any work
+            open_data_file(Path(data), "the --validate data").close()
     result = resize_adapter(path, out_dir, energy=energy, rank=rank, max_error=max_error, module_min=module_min,
                         dtype=dtype, overwrite=overwrite, step=step, format=format_)
     if validate:

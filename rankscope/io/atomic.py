@@ -104,6 +104,8 @@ def foreign_files(folder: str | os.PathLike, kind: str) -> list[str]:
     folder = Path(folder)
     present = [name for name in _files(folder) if name != MANIFEST_FILE]
     try:
+        if not stat.S_ISREG(os.lstat(folder / MANIFEST_FILE).st_mode):  # a FIFO would block the read
+            raise ValueError("not a regular file")
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         ok = (isinstance(manifest, dict) and manifest.get("written_by") == "rankscope"
               and manifest.get("kind") == kind and isinstance(manifest.get("files"), list))

@@ -21,7 +21,7 @@ from rankscope.io.loading import Checkpoint
 from rankscope.io.validate import json_lines
 from rankscope.tasks import models, sft
 from rankscope.tasks.classification import classification_metrics, encode_classification
-from rankscope.tasks.data import load_data, split
+from rankscope.tasks.data import load_data, open_data_file, split
 from rankscope.tasks.models import head_of
 from rankscope.tasks.runconfig import TASK_DEFAULTS
 from rankscope.tasks.sft_data import load_sft_data, read_jsonl
@@ -65,11 +65,17 @@ def check_fits(base: Any, checkpoint: Checkpoint) -> None:
 
 
 def _texts_from_file(path: Path) -> list[str]:
-    """Texts of a .txt (blank-line separated paragraphs) or .jsonl (a "text" field) file."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RankscopeError(f"{path}: cannot read the data file ({type(e).__name__}): expected a UTF-8 .txt or .jsonl")
+    """Texts of a .txt (blank-line separated paragraphs) or .jsonl (a "text" field) file.
+
+    It must be a regular file: a FIFO (which would block), a folder or a device is refused unopened.
+    """
+    expected = "a readable UTF-8 .txt or .jsonl file"
+    with open_data_file(path, expected) as f:
+        try:
+            raw = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RankscopeError(f"{path}: cannot read the data file ({type(e).__name__}): expected {expected}") \
+                from None
     if path.suffix.lower() == ".jsonl":
         texts = []
         for n, obj in json_lines(raw.splitlines(), path, "one object with a 'text' field a line"):
@@ -152,8 +158,10 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
     if metric == "accuracy" and suffix == ".txt":
         raise RankscopeError(f"{data}: accuracy needs labelled data (.csv/.jsonl with text and label), found a text file")
 
-    labelled = None
-    if text_file is None:
+    labelled = texts = None
+    if text_file is not None:  # read and checked before any model loads
+        texts = _texts_from_file(text_file)[: examples or None]
+    else:
 
         dataset = load_data(data)
         same_run = run_config.get("data") == data
@@ -174,8 +182,7 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
     max_length = int(run_config.get("max_length", TASK_DEFAULTS["classification"]["max_length"]
                                     if head == "classification" else TEXT_MAX_LENGTH))
 
-    if text_file is not None:
-        texts = _texts_from_file(text_file)[: examples or None]
+    if texts is not None:
         loss = lambda m: causal_lm_loss(m, tokenizer, texts, max_length)  # noqa: E731
         evaluate = loss if metric == "loss" else (lambda m: math.exp(loss(m)))
         return Evaluation(model, evaluate, metric, False, f"{metric} on {len(texts)} texts of {text_file}")

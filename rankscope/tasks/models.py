@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rankscope.errors import RankscopeError
+from rankscope.io.validate import open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -100,10 +101,13 @@ def _convert_smollm2(target: Path) -> None:
         model.tie_weights()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        # mkdtemp makes the folder private (0700); a cache is ordinary readable files.
-        os.chmod(tmp, 0o755)
+        # mkdtemp makes the folder private (0700) and safetensors its file (0600): give them what mkdir() and
+        # open() give under the umask, as any other file.
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+            os.chmod(f, 0o666 & ~mask)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -181,7 +185,7 @@ def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> 
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, output_loading_info=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a sequence classifier ({str(e).splitlines()[0]})") from None
     _seeded_init(model, info.get("missing_keys", []), seed, getattr(model.config, "initializer_range", 0.02))
     if tokenizer.pad_token is None:
@@ -197,7 +201,7 @@ def _from_pretrained(spec: str | os.PathLike, auto_class: str, what: str) -> tup
     transformers = _require("transformers", "pip install -e .")
     try:
         return path, getattr(transformers, auto_class).from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot {what} ({str(e).splitlines()[0]})") from None
 
 
@@ -233,7 +237,7 @@ def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None) -> tuple[Any,
     transformers = _require("transformers", "pip install -e .")
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     head = model.get_output_embeddings()
     head_name = next((name for name, module in model.named_modules() if module is head), None)
@@ -336,7 +340,13 @@ def head_of(model_spec: str) -> str:
         return "classification"
     config = Path(model_spec).expanduser() / "config.json"
     try:
-        architectures = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        architectures = []
-    return "causal" if any(a.endswith("ForCausalLM") for a in architectures) else "classification"
+        if not config.is_file():  # a FIFO would block the read; model_path() refuses it by name
+            return "classification"
+        with open_regular(config, "the model's config.json") as f:
+            found = json.loads(f.read())
+    except (OSError, ValueError, RecursionError, RankscopeError):
+        return "classification"
+    architectures = found.get("architectures") if isinstance(found, dict) else None
+    if not isinstance(architectures, list):
+        return "classification"
+    return "causal" if any(isinstance(a, str) and a.endswith("ForCausalLM") for a in architectures) else "classification"

@@ -8,15 +8,16 @@ Every bad line is named by its number, before any model loads. Only the standard
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rankscope.errors import RankscopeError
-from rankscope.io.validate import json_lines
+from rankscope.io.validate import describe, json_lines
 from rankscope.tasks.arithmetic import ARITHMETIC, SYSTEM, TRAIN_SIZE, generate
-from rankscope.tasks.data import split_indices
+from rankscope.tasks.data import open_data_file, split_indices
 
 _RESPONSE_KEYS = ("response", "completion")
 _EXPECTED = ('expected {"prompt": str, "response": str} or {"messages": [{"role", "content"}, ...]} '
@@ -52,6 +53,16 @@ def _count(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _message(value: Any) -> str:
+    """A message that is not one, in words: its JSON when that is short and shallow, else what it is."""
+    if isinstance(value, dict) and all(isinstance(v, (str, int, float, bool, type(None))) for v in value.values()):
+        try:
+            return json.dumps(value)[:60]
+        except ValueError:  # an integer too long to write out
+            pass
+    return describe(value)
+
+
 def _messages(value: Any, where: str) -> tuple[list[dict[str, str]], str]:
     if not isinstance(value, list) or len(value) < 2:
         raise RankscopeError(f"{where}: 'messages' holds {_count(value)}, expected a list of at least two messages "
@@ -60,7 +71,7 @@ def _messages(value: Any, where: str) -> tuple[list[dict[str, str]], str]:
     for i, message in enumerate(value):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
-            raise RankscopeError(f"{where}: message {i + 1} is {json.dumps(message)[:60]}, expected "
+            raise RankscopeError(f"{where}: message {i + 1} is {_message(message)}, expected "
                                 '{"role": str, "content": str}')
         out.append({"role": message["role"], "content": message["content"]})
     if out[-1]["role"] != "assistant":
@@ -88,14 +99,18 @@ def parse_line(obj: Any, where: str) -> SftExample:
 
 
 def read_jsonl(path: str | Path) -> list[SftExample]:
+    """Every example of a .jsonl file; it must be a regular file (a FIFO, which would block, is refused unopened)."""
     path = Path(path)
     examples = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, obj in json_lines(f, path):
-                examples.append(parse_line(obj, f"{path}: line {n}"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise RankscopeError(f"{path}: cannot read the file ({type(e).__name__}: {e}), expected a UTF-8 .jsonl") from None
+    expected = "a readable UTF-8 .jsonl file of prompt/response or messages lines"
+    with open_data_file(path, expected) as handle:
+        try:
+            with io.TextIOWrapper(handle, encoding="utf-8") as f:
+                for n, obj in json_lines(f, path):
+                    examples.append(parse_line(obj, f"{path}: line {n}"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise RankscopeError(f"{path}: cannot read the file ({type(e).__name__}: {e}), expected a UTF-8 .jsonl") \
+                from None
     if not examples:
         raise RankscopeError(f"{path}: no examples, {_EXPECTED}, one a line")
     return examples
@@ -115,11 +130,11 @@ def load_sft_data(spec: str, held_out: int, seed: int) -> SftData:
     if str(spec).strip().lower() == ARITHMETIC:
         return arithmetic_examples(held_out)
     path = Path(spec)
-    if path.suffix.lower() != ".jsonl" or not path.is_file():
+    if path.suffix.lower() != ".jsonl" or not path.exists():
         what = "no such file" if not path.exists() else f"a {path.suffix or 'file without extension'}"
         raise RankscopeError(f"data {str(spec)!r}: {what}; --task sft expects {ARITHMETIC!r} or a .jsonl file "
                             "of prompt/response or messages lines")
-    examples = read_jsonl(path)
+    examples = read_jsonl(path)  # a folder or a FIFO named .jsonl is refused there, unopened
     if len(examples) <= held_out:
         raise RankscopeError(f"{path}: {len(examples)} examples, expected more than held_out={held_out} "
                             "(pass a smaller --held-out)")
