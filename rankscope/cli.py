@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -449,6 +450,7 @@ def run(group: click.Group, prog_name: str, argv: list[str] | None, errors: tupl
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``rankscope``."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's business
     run(cli, "rankscope", argv, (RankscopeError,), results_only=True)
 
 

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 import rankscope
 from rankscope.io.trace import module_text, record_text
 from rankscope.maths.analysis import MAX_TRACE_RECORDS, even_subsample
+from rankscope.tasks.evaluate import load_error
 
 
 def peft(folder: Path, A: np.ndarray, B: np.ndarray, alpha: float = 8) -> Path:
@@ -149,3 +150,16 @@ def test_a_long_trace_is_read_as_an_even_subsample_unless_every_record_is_asked_
     assert steps == [1 + i for i in even_subsample(records, MAX_TRACE_RECORDS)]
     assert any("an even subsample" in note and "--all-records" in note for note in document["snapshots"][-1]["notes"])
     assert len(rankscope.analyze(folder, all_records=True)["snapshots"]) == records
+
+
+def test_a_state_dict_mismatch_is_told_by_its_first_size_mismatch_not_cut_at_the_colon():
+    error = RuntimeError("Error(s) in loading state_dict for PeftModelForSequenceClassification:\n\tsize mismatch for "
+                         "base_model.model.classifier.modules_to_save.default.weight: copying a param with shape "
+                         "torch.Size([2, 384]) from checkpoint, the shape in current model is torch.Size([3, 384]).\n"
+                         "\tsize mismatch for base_model.model.classifier.modules_to_save.default.bias: copying a param "
+                         "with shape torch.Size([2]) from checkpoint, the shape in current model is torch.Size([3]).")
+    line = load_error(error)
+    assert line.startswith("size mismatch for base_model.model.classifier.modules_to_save.default.weight")
+    assert "torch.Size([3, 384])" in line and "(and 1 more)" in line and "\n" not in line
+    assert load_error(ValueError("plain message\nsecond line")) == "plain message"
+

@@ -41,6 +41,17 @@ class Evaluation:
     description: str
 
 
+def load_error(error: Exception) -> str:
+    """The line of a loading error that says what differs: torch's ``Error(s) in loading state_dict for X:`` is
+    followed by the ``size mismatch for ...`` lines that matter (the first, and how many more)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    details = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    if not details:
+        return lines[0] if lines else type(error).__name__
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return details[0].rstrip(".") + more + ": expected an adapter trained on this model and task (the same labels)"
+
+
 def check_fits(base: Any, checkpoint: Checkpoint) -> None:
     """Every adapter module exists in ``base`` with matching shapes; name the first that does not."""
     modules = dict(base.named_modules())
@@ -127,7 +138,7 @@ def _with_adapter(base: Any, checkpoint: Checkpoint, model_spec: str) -> Any:
     try:
         model = PeftModel.from_pretrained(base, str(checkpoint.path.parent))
     except (ValueError, RuntimeError, KeyError) as e:
-        raise RankscopeError(f"the adapter does not load onto {model_spec}: {str(e).splitlines()[0]}") from None
+        raise RankscopeError(f"the adapter does not load onto {model_spec}: {load_error(e)}") from None
     return model.eval()
 
 
