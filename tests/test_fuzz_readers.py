@@ -19,10 +19,12 @@ import copy
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -124,8 +126,22 @@ DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, 
 SAFETENSORS_DTYPES = list(DTYPE_BITS)
 U64 = 2**64 - 1
 
+# Number literals beyond float range, which json.dumps cannot write: a marker string, replaced by the literal in
+# the text written (raw_numbers). 10**400 parses as an int whose float() overflows, 1e400 as inf, and 5000
+# digits exceed Python's integer string-conversion limit.
+RAW_NUMBERS = ["1" + "0" * 400, "-1" + "0" * 400, "1e400", "-1e400", "7" * 5000, "1" + "0" * 19, "-5"]
+RAW = "@@raw:{}@@"
+_RAW_MARK = re.compile(r'"@@raw:(-?[0-9e]+)@@"')
+
+
+def raw_numbers(text: str) -> str:
+    """JSON text with each raw-number marker replaced by its literal."""
+    return _RAW_MARK.sub(lambda m: m.group(1), text)
+
+
+raw_number = st.sampled_from([RAW.format(n) for n in RAW_NUMBERS])
 json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
-                | st.text(max_size=8))
+                | st.text(max_size=8) | raw_number)
 json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=3)
                            | st.dictionaries(st.text(max_size=6), children, max_size=3), max_leaves=6)
 
@@ -133,7 +149,7 @@ json_values = st.recursive(json_scalars, lambda children: st.lists(children, max
 def near_misses(original: Any) -> st.SearchStrategy:
     """Values a careless writer puts where ``original`` belongs: the same thing in the wrong type, or at an edge."""
     candidates = [None, True, False, 0, -1, 1.5, float("nan"), float("inf"), -float("inf"), "", [], {}, 2**63, 2**64,
-                  str(original), [original], {"value": original}]
+                  str(original), [original], {"value": original}, *(RAW.format(n) for n in RAW_NUMBERS)]
     if isinstance(original, (int, float)) and not isinstance(original, bool):
         candidates += [-original, original * 2, original + 1, float(original), original * 10**20]
     if isinstance(original, list):
@@ -253,7 +269,7 @@ def header_case(draw) -> dict:
     for _ in range(draw(st.integers(1, 3))):
         header, raw = draw(header_mutation(header))
         edits += raw
-    text = json.dumps(header)  # NaN and Infinity as Python writes them: invalid JSON the reader must refuse
+    text = raw_numbers(json.dumps(header))  # NaN and Infinity as Python writes them: invalid JSON the reader must refuse
     for old, new in edits:
         text = text.replace(old, new)
     encoded = text.encode("utf-8", "surrogatepass")
@@ -381,7 +397,7 @@ def config_case(draw) -> dict:
         else:
             config = draw(json_values)
             break
-    text = json.dumps(config)
+    text = raw_numbers(json.dumps(config))
     if draw(st.integers(0, 9)) == 0:
         text = text[: draw(st.integers(0, max(0, len(text) - 1)))]  # a half-written file
     return {"fixture": fixture, "target": config_path, "bytes": text.encode()}
@@ -409,15 +425,19 @@ def run_case(draw) -> dict:
         if kind == "state":
             state = json.loads((REAL / "peft-roberta-series" / step / "trainer_state.json").read_text())
             state["global_step"] = draw(near_misses(state["global_step"]))
-            edits.append((kind, f"{step}/trainer_state.json", json.dumps(state).encode()))
+            edits.append((kind, f"{step}/trainer_state.json", raw_numbers(json.dumps(state)).encode()))
         elif kind == "state-bytes":
             edits.append((kind, f"{step}/trainer_state.json", draw(st.binary(max_size=40) | st.sampled_from(
-                [b'{"global_step": NaN}', b'{"global_step": Infinity}', b'{"global_step": 1e400}', b'[]', b'{"global_step": 5']))))
+                [b'{"global_step": NaN}', b'{"global_step": Infinity}', b'{"global_step": 1e400}', b'[]', b'{"global_step": 5',
+                 b'{"global_step": 1' + b"0" * 400 + b"}", b'{"global_step": ' + b"7" * 5000 + b"}"]))))
         elif kind == "events":
             lines = draw(st.lists(json_values | st.fixed_dictionaries(
                 {"step": near_misses(500), "module": st.text(max_size=5) | json_scalars, "pruned": near_misses([1, 2]),
                  "p": near_misses(0.95)}), min_size=1, max_size=4))
-            edits.append((kind, "events.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()))
+            text = "".join(raw_numbers(json.dumps(x)) + "\n" for x in lines)
+            if draw(st.booleans()):
+                text = text[:draw(st.integers(0, len(text)))]  # a last line cut short mid-write
+            edits.append((kind, "events.jsonl", text.encode()))
         elif kind == "events-bytes":
             edits.append((kind, "events.jsonl", draw(st.binary(max_size=60))))
         elif kind == "scores":
@@ -541,7 +561,7 @@ def test_mutated_documents_read_back(case):
             apply_edit(document, path, value)
         if case["which"] == "analysis":
             path = tmp / "analysis.json"
-            path.write_text(json.dumps(document))
+            path.write_text(raw_numbers(json.dumps(document)))
 
             def consume():
                 document = load_document(path)
@@ -552,7 +572,7 @@ def test_mutated_documents_read_back(case):
             run = tmp / "run"
             run.mkdir()
             shutil.copytree(REAL / "peft-roberta-series" / "checkpoint-2400", run / "checkpoint-2400")
-            (run / "sweep.json").write_text(json.dumps(document))
+            (run / "sweep.json").write_text(raw_numbers(json.dumps(document)))
             (tmp / "sweep.json").write_text(json.dumps(sweep_document()))
 
             def consume():
@@ -560,6 +580,172 @@ def test_mutated_documents_read_back(case):
                 compare([first[0], second[0]], labels=["mutated", "good"], sweeps=[first[1], second[1]])
 
         outcome(consume)
+
+
+# ----------------------------------------------------------------------------- rank traces
+
+
+@functools.lru_cache(maxsize=1)
+def real_trace_lines() -> tuple[str, ...]:
+    """A rank trace written with rankscope's own writer from the real roberta run's analysis: one record a snapshot."""
+    from rankscope.io.trace import module_text, record_text
+
+    document = json.loads(real_analysis())
+    lines = []
+    for snapshot in document["snapshots"]:
+        modules = [module_text({k: m[k] for k in ("name", "rank", "scale", "shape", "layer_type", "dtype")},
+                               {"importance": m["importance"], "spectrum": m["spectrum"]}) for m in snapshot["modules"]]
+        lines.append(record_text(snapshot["step"], modules, time=1.0))
+    return tuple(lines)
+
+
+TRACE_FIELDS = ["rank", "scale", "shape", "importance", "spectrum", "name", "dtype", "error"]
+
+
+@st.composite
+def trace_case(draw) -> dict:
+    """Edits of a real trace: a module field or a record's step set to a near miss (raw numbers beyond float range
+    included), a line cut short, lines dropped or repeated (a resumed run)."""
+    lines = [json.loads(line) for line in real_trace_lines()]
+    texts: list[str | None] = [None] * len(lines)  # a raw text that replaces the record's JSON (a torn line)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["module", "module", "step", "torn", "drop", "repeat", "per-rank"]))
+        i = draw(st.integers(0, len(lines) - 1))
+        note(f"trace edit {kind} on record {i}")
+        record = lines[i]
+        if kind == "module" and record["modules"]:
+            module = draw(st.sampled_from(record["modules"]))
+            key = draw(st.sampled_from(TRACE_FIELDS))
+            module[key] = draw(near_misses(module.get(key, 2)))
+        elif kind == "per-rank" and record["modules"]:
+            module = draw(st.sampled_from(record["modules"]))
+            values = module[draw(st.sampled_from(["importance", "spectrum"]))]
+            values[draw(st.integers(0, len(values) - 1))] = draw(near_misses(1.0))
+        elif kind == "step":
+            record["step"] = draw(near_misses(record["step"]) | st.integers(-10, 3000))
+        elif kind == "torn":
+            text = json.dumps(record)
+            texts[i] = text[:draw(st.integers(0, len(text) - 1))]
+        elif kind == "drop" and len(lines) > 1:
+            del lines[i], texts[i]
+        elif kind == "repeat":
+            lines.append(copy.deepcopy(record))
+            texts.append(None)
+    body = "".join((text if text is not None else raw_numbers(json.dumps(record))) + "\n"
+                   for record, text in zip(lines, texts))
+    return {"text": body, "last_only": draw(st.booleans())}
+
+
+@examples(0.15)
+@given(case=trace_case())
+def test_mutated_rank_traces(case):
+    with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
+        path = Path(tmp) / "rank_trace.jsonl"
+        path.write_text(case["text"])
+        outcome(lambda: rankscope.analyze(path, progress=False, last_only=case["last_only"]))
+
+
+# ----------------------------------------------------------------------------- odd tensors, built from scratch
+
+FLOATS = ["float16", "float32", "float64", "bfloat16"]
+ODD = ["int8", "int32", "int64", "uint8", "bool", "complex64", "float8_e4m3fn", "float8_e5m2", "sparse", "meta",
+       "qint8"]
+NUMPY_ONLY = {"float16", "float32", "float64", "int8", "int32", "int64", "uint8", "bool"}  # what safetensors.numpy writes
+
+
+@st.composite
+def tensor_case(draw) -> dict:
+    """A one-module PEFT adapter whose factors have any dtype and any (possibly zero) dimensions."""
+    container = draw(st.sampled_from(["safetensors", "pickle"]))
+    kinds = FLOATS + ODD if container == "pickle" else sorted(NUMPY_ONLY)
+    dtypes = [draw(st.sampled_from(kinds)) for _ in range(2)]
+    r, n_in, n_out = draw(st.integers(0, 4)), draw(st.integers(0, 5)), draw(st.integers(0, 5))
+    return {"container": container, "dtypes": dtypes, "shapes": [(r, n_in), (n_out, r)]}
+
+
+def _make(kind: str, shape: tuple[int, int], rng):
+    import torch
+
+    base = torch.from_numpy(rng.normal(size=shape).astype("float32"))
+    if kind == "sparse":
+        return base.to_sparse()
+    if kind == "meta":
+        return base.to("meta")
+    if kind == "qint8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch deprecates quantised tensors: they still come in old files
+            return torch.quantize_per_tensor(base, 0.1, 0, torch.qint8)
+    return (base * 3).to(getattr(torch, kind))
+
+
+@examples(0.15)
+@given(case=tensor_case())
+def test_factors_of_any_dtype_and_shape(case):
+    """Dense floating factors with r, in, out ≥ 1 load; anything else is one error naming what it found."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    names = ["base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q.lora_B.weight"]
+    with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
+        folder = Path(tmp)
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+        if case["container"] == "safetensors":
+            from safetensors.numpy import save_file
+
+            arrays = {n: (rng.normal(size=shape) * 3).astype(kind) for n, kind, shape in
+                      zip(names, case["dtypes"], case["shapes"])}
+            save_file(arrays, folder / "adapter_model.safetensors")
+        else:
+            import torch
+
+            torch.save({n: _make(kind, shape, rng) for n, kind, shape in zip(names, case["dtypes"], case["shapes"])},
+                       folder / "adapter_model.bin")
+        result = outcome(lambda: rankscope.analyze(folder, progress=False))
+    r, n_in = case["shapes"][0]
+    n_out = case["shapes"][1][0]
+    readable = all(kind in FLOATS for kind in case["dtypes"]) and min(r, n_in, n_out) >= 1
+    assert result == ("ok" if readable else "error"), case
+
+
+# ----------------------------------------------------------------------------- files that change while read
+
+
+@st.composite
+def change_case(draw) -> dict:
+    fixture, name = draw(st.sampled_from([("peft-gpt2-conv1d", "adapter_model.safetensors"),
+                                          ("mlx-gemma-series", "adapters.safetensors"),
+                                          ("diffusers-legacy-sd15", "pytorch_lora_weights.safetensors")]))
+    size = (REAL / fixture / name).stat().st_size
+    kind = draw(st.sampled_from(["truncate", "truncate", "append", "rewrite"]))
+    at = draw(st.integers(0, size - 1)) if kind == "truncate" else None
+    return {"fixture": fixture, "name": name, "kind": kind, "at": at}
+
+
+@examples(0.1)
+@given(case=change_case())
+def test_files_that_change_while_they_are_read(case):
+    """The file is opened (rankscope.load), then cut short, grown or rewritten before its tensors are read: the
+    analysis is one "changed while it was read" error, never SIGBUS (a memory-mapped reader died here)."""
+    from rankscope.maths.analysis import analyze_checkpoint
+
+    with fixture_copy(case["fixture"]) as root:
+        path = root / case["name"]
+        checkpoint = rankscope.load(path)
+        if case["kind"] == "truncate":
+            os.truncate(path, case["at"])
+        elif case["kind"] == "append":
+            with open(path, "ab") as f:
+                f.write(b"\0" * 8)
+        else:
+            stat = path.stat()
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        with time_limit():
+            try:
+                analyze_checkpoint(checkpoint, spectrum=False)
+            except RankscopeError as e:
+                assert "changed while it was read" in str(e) and "\n" not in str(e), str(e)
+                return
+        raise AssertionError("a file that changed while it was read was analysed as if it had not")
 
 
 def test_fixtures_are_untouched_and_the_unmutated_copies_load():

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rankscope.errors import RankscopeError
+from rankscope.io.patterns import PatternError, PatternMap, PatternTooSlow, pattern_map
 from rankscope.io.tensors import TensorFile
 from rankscope.io.validate import check_adapter_config, check_temperature, describe, is_number, parse_json
 
@@ -144,22 +145,41 @@ def detect_format(keys: list[str], config: dict | None) -> str:
     return best
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's own rule (``peft.utils.other.get_pattern_key``): a key matches a name ending in '.' + key."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return patterns[key]
-    return default
+class _Patterns:
+    """A config's rank_pattern and alpha_pattern, each indexed once per checkpoint (not once per module)."""
+
+    def __init__(self, config: dict, source: str):
+        self.config, self.source = config, source
+        self.maps = {field: pattern_map(config.get(field)) for field in ("rank_pattern", "alpha_pattern")}
+
+    def value(self, field: str, name: str, default: Any) -> Any:
+        """PEFT's own rule (``peft.utils.other.get_pattern_key``): the first key, in order, that matches a name
+        ending in '.' + key; matched in bounded time (:mod:`rankscope.io.patterns`), a key past the bound refused."""
+        return _pattern_value(self.config.get(field) or {}, self.maps[field], field, name, default, self.source)
 
 
-def _peft_scale(config: dict, module_name: str, rank: int, notes: set[str]) -> float:
+def _pattern_value(patterns: dict, keys: PatternMap, field: str, name: str, default: Any, source: str) -> Any:
+    if not patterns:
+        return default
+    try:
+        index = keys.lookup(name)
+        return default if index is None else patterns[keys.keys[index]]
+    except PatternTooSlow as e:
+        key = e.key if len(e.key) <= 40 else e.key[:37] + "..."
+        raise RankscopeError(f"{source}: {field} key {key!r} {e.describe()}: expected regular expressions that "
+                             "match module names in bounded time (rankscope refuses the key rather than hang)") from None
+    except PatternError as e:
+        raise RankscopeError(f"{source}: {field} key {e.key!r} is refused: expected {e.reason}") from None
+
+
+def _peft_scale(config: dict, module_name: str, rank: int, notes: set[str], patterns: _Patterns) -> float:
     bare = module_name.split("[", 1)[0].removeprefix("base_model.model.")
-    r = _pattern_value(config.get("rank_pattern") or {}, bare, config.get("r", rank))
+    r = patterns.value("rank_pattern", bare, config.get("r", rank))
     if "r" not in config:
         notes.add("adapter_config.json has no \"r\": each module's rank is read from its tensors")
     if "lora_alpha" not in config:
         notes.add(f"adapter_config.json has no \"lora_alpha\": PEFT's default {PEFT_DEFAULT_ALPHA} is used")
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, bare, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    alpha = patterns.value("alpha_pattern", bare, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     if isinstance(r, int) and r != rank:
         notes.add(f"adapter_config.json gives rank {r} for some modules whose tensors have rank {rank}; the tensors' rank is used")
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -203,6 +223,7 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
     has_config = config is not None
     config = config or {}
     adalora = config.get("peft_type") == "ADALORA" or any(k.endswith("lora_E") or ".lora_E." in k for k in keys)
+    patterns = _Patterns(config, config_source)
     groups = _match_keys(keys, pattern)
     notes: set[str] = set()
     modules: list[LoraModule] = []
@@ -231,6 +252,15 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         if rank == 0:
             empty.append(name)  # its tensors stay unclaimed: counted with the skipped ones
             continue
+        if in_features == 0 or out_features == 0:
+            which = "A" if in_features == 0 else "B"
+            raise RankscopeError(
+                f"{tf.path}: module {name!r} has rank {rank} but an empty factor: A {list(a_shape)} and B "
+                f"{list(b_shape)} ({'in' if which == 'A' else 'out'}_features 0): expected A (r, in) and B (out, r) "
+                "with r, in and out all ≥ 1"
+            )
+        for role in ("A", "B"):
+            check_float_tensor(tf, parts[role], name)
         claimed.update(parts.values())
         layer_type = "conv" if len(a_shape) > 2 else "embedding" if "lora_embedding_A" in parts["A"] else "linear"
         module = LoraModule(
@@ -244,7 +274,7 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         if module.dora:
             notes.add("DoRA adapter: its update also rescales each output by a learned magnitude, "
                       "so ΔW is not B A alone; rankscope reports the importances of B A")
-        module.scale = _module_scale(fmt, tf, parts, config, has_config, name, rank, adalora, notes)
+        module.scale = _module_scale(fmt, tf, parts, config, has_config, name, rank, adalora, notes, patterns)
         if "E" in parts:
             module.E = per_rank_vector(tf, parts["E"], rank, name, "AdaLoRA's singular values lora_E")
         if "gate" in parts:
@@ -269,9 +299,31 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
     return ParsedCheckpoint(fmt, modules, skipped, sorted(notes))
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_REAL_DTYPES = (*FLOAT_DTYPES, "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+
+
+def check_float_tensor(tf: TensorFile, key: str, module: str) -> None:
+    """A LoRA factor must be stored in a floating dtype: integers, bool, complex, fp8 or a quantised, sparse or
+    meta tensor would be analysed as numbers they are not (or not read at all)."""
+    dtype = tf.dtype(key)
+    if dtype not in FLOAT_DTYPES:
+        raise RankscopeError(f"{tf.path}: module {module!r}: tensor {key!r} has dtype {dtype}, expected a dense "
+                             f"floating tensor ({', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]}) for a LoRA factor")
+
+
+def _real_values(tf: TensorFile, key: str, module: str, what: str) -> np.ndarray:
+    """A stored scale or per-rank vector as float64: floating or integer dtypes (never bool, complex, fp8, ...)."""
+    dtype = tf.dtype(key)
+    if dtype not in _REAL_DTYPES:
+        raise RankscopeError(f"{tf.path}: {what} of module {module!r} (tensor {key!r}) has dtype {dtype}, expected a "
+                             f"real number dtype ({', '.join(FLOAT_DTYPES)} or an integer one)")
+    return np.asarray(tf[key], dtype=np.float64)
+
+
 def per_rank_vector(tf: TensorFile, key: str, rank: int, module: str, what: str) -> np.ndarray:
     """A stored vector with one value per rank (AdaLoRA's E, BeamLoRA's gate or scores), as float64."""
-    values = np.asarray(tf[key], dtype=np.float64).reshape(-1)
+    values = _real_values(tf, key, module, what).reshape(-1)
     if values.size != rank:
         tensor = f" (tensor {key!r})" if key != module else ""
         raise RankscopeError(f"{tf.path}: {what} of module {module!r}{tensor} hold {values.size} values, "
@@ -279,8 +331,8 @@ def per_rank_vector(tf: TensorFile, key: str, rank: int, module: str, what: str)
     return values
 
 
-def _kohya_alpha(tf: TensorFile, key: str) -> float:
-    alpha = np.asarray(tf[key], dtype=np.float64)
+def _kohya_alpha(tf: TensorFile, key: str, module: str) -> float:
+    alpha = _real_values(tf, key, module, "the alpha")
     if alpha.size != 1:
         raise RankscopeError(f"{tf.path}: tensor {key!r} has shape {list(alpha.shape)}, expected a single number "
                              "(the module's alpha)")
@@ -302,17 +354,17 @@ def _metadata_number(tf: TensorFile, key: str) -> float | None:
 
 
 def _module_scale(fmt: str, tf: TensorFile, parts: dict[str, str], config: dict, has_config: bool, name: str,
-                  rank: int, adalora: bool, notes: set[str]) -> float:
+                  rank: int, adalora: bool, notes: set[str], patterns: _Patterns) -> float:
     """The scale of ΔW = scale · B A for one module, by the rules of its format."""
     if "alpha" in parts:  # kohya, and diffusers files converted from kohya
-        alpha = _kohya_alpha(tf, parts["alpha"])
+        alpha = _kohya_alpha(tf, parts["alpha"], name)
         return alpha / rank if alpha else 1.0
     if adalora:
         # PEFT AdaLoRA: output * scaling / (ranknum + 1e-5), scaling = lora_alpha (or r when alpha is 0).
         alpha = config.get("lora_alpha") or rank
         return alpha / (rank + 1e-5)
     if fmt in ("peft", "torchtune") and has_config:
-        return _peft_scale(config, name, rank, notes)
+        return _peft_scale(config, name, rank, notes, patterns)
     if fmt == "kohya":
         alpha = _metadata_number(tf, "ss_network_alpha") or 0
         return alpha / rank if alpha else 1.0

@@ -160,6 +160,7 @@ class Series:
     final: SnapshotRef | None = None
     events_path: Path | None = None
     trace: Path | None = None  # rank_trace.jsonl: the dense time axis for analysis (snapshots stay for sweeps)
+    notes: list[str] = field(default_factory=list)  # what reading the run's own files forgave (a torn events line)
 
     def __len__(self) -> int:
         return len(self.snapshots)
@@ -181,20 +182,39 @@ class Series:
                 return ref.load()
         raise RankscopeError(f"{self.path} has no snapshot at step {step}: it has steps {self.steps}")
 
-    def events(self) -> list[dict]:
-        """BeamLoRA operations from ``events.jsonl``, if the run wrote any."""
+    def events(self, notes: list[str] | None = None) -> list[dict]:
+        """BeamLoRA operations from ``events.jsonl``, if the run wrote any.
+
+        As the rank trace's reader does, a last line cut short mid-write (no final newline, not JSON) is
+        skipped with a note, appended to ``notes`` and to :attr:`notes`; any other bad line is an error.
+        """
         if self.events_path is None:
             return []
         with open_regular(self.events_path, "BeamLoRA events, one JSON object per line") as f:
             try:
-                lines = f.read().splitlines()
+                data = f.read()
             except OSError as e:
                 raise RankscopeError(f"{self.events_path} could not be read ({e.strerror or e})") from None
+        lines = data.splitlines()
+        torn = len(lines) if lines and not data.endswith((b"\n", b"\r")) else None
         events = []
         for number, line in enumerate(lines, 1):
-            if line.strip():
-                source = f"{self.events_path} line {number}"
-                events.append(check_event(parse_json(line, source, "one JSON event object per line"), source))
+            if not line.strip():
+                continue
+            source = f"{self.events_path} line {number}"
+            try:
+                value = parse_json(line, source, "one JSON event object per line")
+            except RankscopeError:
+                if number != torn:
+                    raise
+                note = (f"{self.events_path}: line {number}, the last, is not a complete event (cut short when the run "
+                        "was killed mid-write?): ignored, the other events are used")
+                if note not in self.notes:
+                    self.notes.append(note)
+                if notes is not None:
+                    notes.append(note)
+                continue
+            events.append(check_event(value, source))
         return events
 
     def __repr__(self) -> str:

@@ -1,28 +1,34 @@
-"""Reading tensor files without importing torch: safetensors through mmap, pickles safely.
+"""Reading tensor files without importing torch: safetensors one tensor at a time, pickles safely.
 
 A safetensors file is read by its documented layout (8-byte little-endian header length, a
-JSON header, then raw little-endian data), memory-mapped, so tensors are zero-copy numpy
-views and a 300 MB checkpoint costs no more than its pages in the page cache. bfloat16 has
-no numpy dtype: it is widened to float32 exactly (a bf16 value is the top half of a float32),
-and the pages it was copied from are unmapped again, so resident memory stays near one module.
+JSON header, then raw little-endian data). Each tensor is read when asked for, with ``os.preadv``
+straight into its numpy array, so resident memory stays near the modules being analysed, never the
+file. It is not memory-mapped: a mapped file cut short by another process (a copy still being
+written, ``truncate``) kills the reader with SIGBUS on the first page past the new end, whereas a
+read just comes back short. Every read checks that it got all its bytes and that the file's size and
+modification time are still those it had when opened; if not, the file changed while it was read,
+and that is one error. bfloat16 has no numpy dtype: it is widened to float32 exactly (a bf16 value
+is the top half of a float32).
 Pickled ``.bin`` / ``.pt`` files go through ``torch.load(weights_only=True)`` only, so no
-code inside a pickle ever runs.
+code inside a pickle ever runs; they are read whole (not mapped, for the same reason), and only
+dense CPU tensors with string names are accepted.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
+import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
 
 from rankscope.errors import RankscopeError
-from rankscope.io.validate import describe, is_int, open_regular
+from rankscope.io.validate import describe, is_int, loads, open_regular
 
 # dtype name in the safetensors header -> (numpy dtype, bytes per element); BF16 stays raw.
 _SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, int]] = {
@@ -132,7 +138,7 @@ def _parse_header(raw: bytes, path: Path) -> dict:
     """The JSON header as a dict, refusing what the official reader refuses (and duplicate names)."""
     invalid = f"{path} is not a valid safetensors file"
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_not_a_number)
+        header = loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, refuse_out_of_range=True)
     except UnicodeDecodeError as e:
         raise RankscopeError(f"{invalid}: its header is not UTF-8 text (byte {e.start}), expected a JSON object") from None
     except RecursionError:
@@ -145,10 +151,6 @@ def _parse_header(raw: bytes, path: Path) -> dict:
     if not isinstance(header, dict):
         raise RankscopeError(f"{invalid}: its header is {describe(header)}, expected a JSON object")
     return header
-
-
-def _not_a_number(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _byte_size(shape: list[int], bits: int) -> int | None:
@@ -245,13 +247,42 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_SEEK_LOCK = threading.Lock()
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """Read into ``buffer`` at ``offset`` of ``fd``; the bytes read (0 at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], offset)
+    with _SEEK_LOCK:  # no positional read on this platform: seek and read under a lock
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, min(len(buffer), 1 << 30))
+    buffer[:len(data)] = data
+    return len(data)
+
+
+def _changed(path: Path, before: tuple[int, int], now: os.stat_result | None, where: str) -> str:
+    """The one error of a file that changed under its reader (cut short, grown or rewritten) or vanished."""
+    if now is None:
+        what = "it could no longer be examined"
+    elif now.st_size != before[0]:
+        what = f"its size went from {before[0]} to {now.st_size} bytes"
+    elif now.st_mtime_ns != before[1]:
+        what = "it was rewritten: its modification time changed"
+    else:
+        what = "a read came back short"
+    return (f"{path} changed while it was read ({what}; {where}): expected a file that stays as it is while "
+            "rankscope reads it; run again once whatever writes it has finished")
+
+
 class SafetensorsFile(TensorFile):
-    """A memory-mapped safetensors file, validated against its own header by the format's rules."""
+    """A safetensors file, validated against its own header by the format's rules, read one tensor at a time."""
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         with open_regular(path, "a safetensors file") as f:
-            size = os.fstat(f.fileno()).st_size
+            stat = os.fstat(f.fileno())
+            size = stat.st_size
             head = f.read(64)
             problem = _describe_non_safetensors(path, head, size)
             if problem:
@@ -268,13 +299,44 @@ class SafetensorsFile(TensorFile):
                     f"but the file has {size - 8} after the length field (truncated or not safetensors)"
                 )
             f.seek(8)
-            header = _parse_header(f.read(header_len), path)
+            raw_header = f.read(header_len)
+            self._stat = (stat.st_size, stat.st_mtime_ns)
+            if len(raw_header) != header_len:
+                raise RankscopeError(_changed(path, self._stat, os.fstat(f.fileno()), "in its header"))
+            header = _parse_header(raw_header, path)
             data_start = 8 + header_len
             shapes, dtypes, self._offsets, metadata = _check_header(header, path, size - data_start)
             for name in self._offsets:
                 self._offsets[name] += data_start
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > data_start else None
+            # A descriptor of our own (the `with` closes f): tensors are read from it, closed with this object.
+            self._fd = os.dup(f.fileno())
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
         super().__init__(path, shapes, dtypes, metadata)
+
+    def _unchanged(self, name: str, short: str = "") -> None:
+        """Raise the one error of a file that changed since it was opened (or came back short)."""
+        try:
+            now: os.stat_result | None = os.fstat(self._fd)
+        except OSError:
+            now = None
+        if short or now is None or (now.st_size, now.st_mtime_ns) != self._stat:
+            raise RankscopeError(_changed(self.path, self._stat, now, f"at tensor {name!r}{short}"))
+
+    def _read_into(self, buffer: memoryview, offset: int, name: str) -> None:
+        """Fill ``buffer`` from ``offset`` with positional reads (thread-safe: no shared file position)."""
+        if not self._finalizer.alive:
+            raise RankscopeError(f"{self.path} was closed: tensor {name!r} can no longer be read")
+        done, total = 0, len(buffer)
+        while done < total:
+            try:
+                got = _pread_into(self._fd, buffer[done:], offset + done)
+            except OSError as e:
+                raise RankscopeError(f"{self.path} could not be read at tensor {name!r} "
+                                     f"({e.strerror or e}): expected a readable safetensors file") from None
+            if got == 0:
+                self._unchanged(name, f", which ended after {done} of its {total} bytes")
+            done += got
+        self._unchanged(name)
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype_name = self._dtypes[name]
@@ -285,39 +347,20 @@ class SafetensorsFile(TensorFile):
         count = math.prod(shape)
         if count == 0:
             return np.zeros(shape, dtype=np.float32 if dtype_name in _FLOAT_DTYPES else np_dtype)
-        offset = self._offsets[name]
-        array = np.frombuffer(self._mmap, dtype=np_dtype, count=count, offset=offset).reshape(shape)
-        if dtype_name != "BF16":
-            return array  # a zero-copy view: its pages stay mapped while the file is open
-        widened = bf16_to_float32(array)
-        del array
-        self._release(offset, count * 2)
-        return widened
+        array = np.empty(shape, dtype=np_dtype)
+        self._read_into(memoryview(array.reshape(-1).view(np.uint8)), self._offsets[name], name)
+        return bf16_to_float32(array) if dtype_name == "BF16" else array
 
-    def raw(self, name: str) -> bytes:
+    def raw(self, name: str) -> bytearray:
         """The tensor's stored bytes, exactly as in the file (to copy a tensor without converting it)."""
-        shape = self._shapes[name]
-        size = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_DTYPES[self._dtypes[name]][1]
-        offset = self._offsets[name]
-        return bytes(self._mmap[offset:offset + size]) if size else b""
-
-    def _release(self, offset: int, length: int) -> None:
-        """Unmap pages already copied out, so a snapshot's resident memory stays small.
-
-        The map is read-only and file-backed: dropped pages are read again from the page cache
-        if anything touches them (a view handed out earlier stays valid), so this is always safe.
-        """
-        if not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = offset - offset % mmap.PAGESIZE
-        try:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
-        except (OSError, ValueError):
-            pass
+        size = _byte_size(list(self._shapes[name]), _DTYPE_BITS[self._dtypes[name]])
+        buffer = bytearray(size or 0)
+        if size:
+            self._read_into(memoryview(buffer), self._offsets[name], name)
+        return buffer
 
     def close(self) -> None:
-        # Arrays handed out may still view the map; let garbage collection unmap it.
-        self._mmap = None
+        self._finalizer()  # closes the descriptor once; arrays handed out are copies and stay valid
 
 
 class PickleFile(TensorFile):
@@ -337,7 +380,8 @@ class PickleFile(TensorFile):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+                # Read whole, never mapped: a mapped file cut short while it is read kills the process (SIGBUS).
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError as e:
             # torch's message is long; the line naming the refused global is the one that matters.
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -355,22 +399,55 @@ class PickleFile(TensorFile):
             state = state["state_dict"]  # Lightning-style wrapper
         if not isinstance(state, dict):
             raise RankscopeError(f"{path} holds a {type(state).__name__}, expected a dict of tensors")
+        for key in state:
+            if not isinstance(key, str):
+                raise RankscopeError(f"{path} holds a dict with the key {repr(key)[:40]} ({type(key).__name__}): expected tensor "
+                                     "names (strings) as keys, as torch.save(model.state_dict()) writes them")
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        dtype_names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
         super().__init__(
             path,
             {k: tuple(v.shape) for k, v in self._tensors.items()},
-            {k: dtype_names.get(v.dtype, str(v.dtype).removeprefix("torch.")) for k, v in self._tensors.items()},
+            {k: _torch_dtype_name(v) for k, v in self._tensors.items()},
             {},
         )
 
     def __getitem__(self, name: str) -> np.ndarray:
         import torch
 
+        dtype = self._dtypes[name]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise RankscopeError(f"{self.path}: tensor {name!r} is {dtype}, which rankscope cannot read: expected a "
+                                 "dense tensor of a floating or integer dtype")
         tensor = self._tensors[name].detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
-        return tensor.numpy()
+        try:
+            return tensor.numpy()
+        except (TypeError, RuntimeError) as e:
+            raise RankscopeError(f"{self.path}: tensor {name!r} ({dtype}) cannot be read as numbers ({e})") from None
+
+
+_TORCH_DTYPES = {  # torch dtype name -> the safetensors name, for every dtype both know
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0", "complex64": "C64",
+}
+
+
+def _torch_dtype_name(tensor) -> str:
+    """The tensor's dtype as safetensors names it (``F32``, ``I8``, ``F8_E4M3``), or what it is in words when it
+    is not a plain dense tensor with data (``sparse_coo F32``, ``quantized qint8``, ``meta F16 (no data)``)."""
+    import torch  # only pickles need torch
+
+    name = str(tensor.dtype).removeprefix("torch.")
+    dtype = _TORCH_DTYPES.get(name, name)
+    if tensor.is_quantized:
+        return f"quantized {name}"
+    if tensor.layout is not torch.strided:
+        return f"{str(tensor.layout).removeprefix('torch.')} {dtype}"
+    if tensor.is_meta:
+        return f"meta {dtype} (no data)"
+    return dtype
 
 
 def float_to_bf16_bits(values: np.ndarray) -> np.ndarray:

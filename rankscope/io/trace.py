@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from rankscope.constants import TRACE_FILE, TRACE_SCHEMA
+from rankscope.io.validate import STEP, TRACE_WHAT, check, check_trace_record, json_int, loads, obj
 
 SCHEMA = TRACE_SCHEMA
 DIGITS = 8  # significant digits of every stored number: float32 precision (a 7B r=64 record: 0.1% of a snapshot)
 _PREFIX = b'{"schema": "' + SCHEMA.encode() + b'"'
+_STEP_SPEC = obj(required={"step": STEP})
 _STEP = re.compile(rb'^\{"schema": "' + re.escape(SCHEMA.encode()) + rb'", "step": (-?\d+)[,}]')
 
 
@@ -83,16 +85,27 @@ def find_trace(folder: str | os.PathLike) -> Path | None:
 
 
 def _valid(record: Any) -> bool:
-    return (isinstance(record, dict) and record.get("schema") == SCHEMA and isinstance(record.get("step"), int)
-            and isinstance(record.get("modules"), list))
+    """A trace record at all (its fields are checked by :func:`_checked`)."""
+    return isinstance(record, dict) and record.get("schema") == SCHEMA and "step" in record
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
+    """A line's record, or None when the line is not one (cut short mid-write, or not strict JSON)."""
     try:
-        record = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        record = loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return record if _valid(record) else None
+
+
+def _checked(record: dict[str, Any], path: Path, where: str) -> dict[str, Any]:
+    """A complete record whose fields are wrong (rank 0, a shape of 1e400, a rank of 4.7) is an error, not a skip."""
+    return check_trace_record(record, f"{path} {where}")
+
+
+def _step(text: bytes, path: Path, number: int) -> int:
+    """A record's step as the index reads it (through the one JSON number reader), checked like the record's."""
+    return check({"step": json_int(text.decode("ascii"))}, _STEP_SPEC, f"{path} line {number}", TRACE_WHAT)["step"]
 
 
 def _skipped_note(path: Path, numbers_: list[int]) -> str:
@@ -117,7 +130,7 @@ def index_records(path: Path) -> tuple[list[tuple[int, int]], list[int], list[in
             if match is None:
                 bad.append(number)
                 continue
-            step = int(match.group(1))
+            step = _step(match.group(1), path, number)
             while kept and kept[-1][1] >= step:
                 replaced.append(kept.pop()[1])
             kept.append((number, step))
@@ -146,7 +159,7 @@ def iter_records(path: str | os.PathLike, notes: list[str], on_record: Callable[
             if record is None or record["step"] != target[1]:
                 bad.append(number)
             else:
-                yield record
+                yield _checked(record, path, f"line {number}")
             if on_record is not None:
                 on_record()
             target = next(wanted, None)
@@ -175,6 +188,7 @@ def last_record(path: str | os.PathLike, notes: list[str]) -> dict[str, Any] | N
                     continue
                 record = _parse(line)
                 if record is not None:
+                    _checked(record, path, "(its last complete record)")
                     if skipped:
                         notes.append(f"{path}: the last {skipped} line(s) are not complete trace records (cut short "
                                      "when the run was killed mid-write?): ignored, the record before them is used")

@@ -13,18 +13,71 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import stat
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, NoReturn
 
 from rankscope.constants import ANALYSIS_SCHEMA
 from rankscope.errors import RankscopeError
+from rankscope.io.patterns import PatternError, pattern_map
 
 # ----------------------------------------------------------------------------- strict JSON
+
+INT64_MAX = 2**63 - 1
+_FLOAT_DIGITS = 309  # decimal digits of the largest finite float (1.8e308)
 
 
 def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def json_int(text: str) -> int | float:
+    """The one reader of JSON integers: an int, or ±inf where the value lies beyond float range.
+
+    ``10**400`` parses as a Python int but ``float()`` of it overflows, and 5000 digits exceed Python's
+    integer string-conversion limit (ValueError): both become ±inf here, as ``1e400`` already is, so
+    one rule refuses them all where a field is checked (:func:`is_number`, :func:`is_int`).
+    """
+    negative = text.startswith("-")
+    if len(text) - negative > _FLOAT_DIGITS:  # JSON has no leading zeros: the digit count is the magnitude
+        return -math.inf if negative else math.inf
+    value = int(text)
+    if len(text) - negative == _FLOAT_DIGITS:
+        try:
+            float(value)
+        except OverflowError:
+            return -math.inf if negative else math.inf
+    return value
+
+
+def _out_of_range(text: str) -> NoReturn:
+    raise ValueError(f"the number {text[:12]}{'...' if len(text) > 12 else ''} is beyond float range")
+
+
+def _in_range_int(text: str) -> int:
+    value = json_int(text)
+    if isinstance(value, float):
+        _out_of_range(text)
+    return value
+
+
+def _in_range_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        _out_of_range(text)
+    return value
+
+
+def loads(text: str | bytes, *, refuse_out_of_range: bool = False, **hooks: Any) -> Any:
+    """``json.loads`` as every reader of rankscope parses: no NaN/Infinity, integers through :func:`json_int`.
+
+    A float literal beyond float range (``1e400``) is ±inf, as in ``json``; with no Infinity literal in
+    strict JSON, an infinite value read from a file always means a number beyond float range, which the
+    field's check then refuses by name. With ``refuse_out_of_range`` such a number anywhere makes the text
+    invalid (ValueError), as for the official safetensors reader (serde_json) in a header.
+    """
+    if refuse_out_of_range:
+        hooks = {"parse_int": _in_range_int, "parse_float": _in_range_float, **hooks}
+    return json.loads(text, parse_constant=_no_constant, **{"parse_int": json_int, **hooks})
 
 
 def parse_json(text: str | bytes, source: str, what: str) -> Any:
@@ -35,11 +88,15 @@ def parse_json(text: str | bytes, source: str, what: str) -> Any:
         except UnicodeDecodeError as e:
             raise RankscopeError(f"{source} is not UTF-8 text (byte {e.start}): expected {what}") from None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return loads(text)
     except RecursionError:
         raise RankscopeError(f"{source} nests JSON too deeply to read: expected {what}") from None
     except ValueError as e:  # JSONDecodeError is a ValueError; so is NaN/Infinity from _no_constant
-        raise RankscopeError(f"{source} is not valid JSON ({e}): expected {what}") from None
+        raise RankscopeError(f"{source} is not valid JSON ({_short(str(e))}): expected {what}") from None
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
@@ -71,7 +128,7 @@ def json_lines(lines: Iterable[str], source: str | os.PathLike, what: str = "one
         if not line.strip():
             continue
         try:
-            value = json.loads(line, parse_constant=_no_constant)
+            value = loads(line)
         except RecursionError:
             raise RankscopeError(f"{source}: line {n} nests JSON too deeply to read, expected {what}") from None
         except ValueError as e:
@@ -99,8 +156,11 @@ def describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return f"a number beyond float range ({'-' if value < 0 else ''}1.8e308 or more in size)"
     if isinstance(value, (int, float)):
-        return f"the number {value!r}"
+        text = repr(value)
+        return f"the number {text}" if len(text) <= 24 else f"the number {text[:12]}...{text[-4:]} ({len(text)} digits)"
     if isinstance(value, str):
         shown = value if len(value) <= 40 else value[:37] + "..."
         return f"the string {shown!r}"
@@ -127,16 +187,21 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number within float range (±inf only ever comes from a number beyond it, see :func:`loads`)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+        isinstance(value, float) and math.isinf(value))
 
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Spec:
     words = ("an integer" if minimum is None else "a positive integer" if minimum == 1
              else "a non-negative integer" if minimum == 0 else f"an integer ≥ {minimum}")
 
+    if maximum is not None:
+        words += " within 64 bits" if maximum == INT64_MAX else f" ≤ {maximum}"
+
     def check(value: Any, field: str) -> None:
         if not is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise _Invalid(field, value, words if maximum is None else f"{words} ≤ {maximum}")
+            raise _Invalid(field, value, words)
 
     return check
 
@@ -246,38 +311,40 @@ def fail(source: str, field: str, value: Any, expected: str, what: str) -> NoRet
     raise RankscopeError(f"{source}: field {field!r} is {describe(value)}, expected {expected} ({what})")
 
 
+STEP = integer(minimum=0, maximum=INT64_MAX)  # a training step, wherever one is read: 0 or more, within 64 bits
+
 # ----------------------------------------------------------------------------- adapter configs
 
 ADAPTER_CONFIG_WHAT = "the adapter's configuration"
 
 
 def _pattern_keys(kind: str) -> Spec:
-    """rank_pattern / alpha_pattern: keys are regexes PEFT matches against module names."""
-    value_spec = integer(minimum=1) if kind == "rank" else number()
+    """rank_pattern / alpha_pattern: keys are regexes PEFT matches against module names (checked and indexed once,
+    by :mod:`rankscope.io.patterns`, which the readers then match with)."""
+    value_spec = integer(minimum=1, maximum=INT64_MAX) if kind == "rank" else number()
 
     def check_map(value: Any, field: str) -> None:
         if value is None:
             return  # no pattern, as PEFT's default {}
         mapping(value_spec)(value, field)
-        for key in value:
-            try:
-                re.compile(key)
-                re.compile(rf"(.*\.)?({key})$")  # as PEFT uses it
-            except re.error as e:
-                raise _Invalid(_key(field, key), key, f"a valid regular expression ({e})") from None
+        try:
+            pattern_map(value)
+        except PatternError as e:
+            raise _Invalid(_key(field, e.key), e.key, e.reason) from None
 
     return check_map
 
 
 _ADAPTER_CONFIG_SPEC = obj(optional={
     "peft_type": nullable(string()),
-    "r": integer(minimum=1),
+    "r": integer(minimum=1, maximum=INT64_MAX),
     "lora_alpha": number(),
     "rank_pattern": _pattern_keys("rank"),
     "alpha_pattern": _pattern_keys("alpha"),
     "use_rslora": boolean,
     # mlx-lm's config: how it scales ΔW
-    "lora_parameters": nullable(obj(optional={"rank": integer(minimum=1), "alpha": number(), "scale": number()})),
+    "lora_parameters": nullable(obj(optional={"rank": integer(minimum=1, maximum=INT64_MAX), "alpha": number(),
+                                              "scale": number()})),
 })
 
 
@@ -298,11 +365,11 @@ def check_temperature(config: dict[str, Any], path: str | os.PathLike) -> float:
 # ----------------------------------------------------------------------------- run folders
 
 TRAINER_STATE_WHAT = "the HF Trainer state"
-_TRAINER_STATE_SPEC = obj(optional={"global_step": nullable(integer(minimum=0))})
+_TRAINER_STATE_SPEC = obj(optional={"global_step": nullable(STEP)})
 
 EVENT_WHAT = "a BeamLoRA event object"
 _EVENT_SPEC = obj(optional={
-    "step": nullable(integer(minimum=0)),
+    "step": nullable(STEP),
     "p": nullable(number(finite=False)),
     "module": string(),
     "pruned": nullable(lambda v, f: (list_of(integer(minimum=0)) if isinstance(v, list) else integer(minimum=0))(v, f)),
@@ -392,7 +459,7 @@ def _module_fields_agree(module: dict, field: str) -> None:
 
 
 _MODULE = obj(
-    required={"name": string(), "rank": integer(minimum=1), "scale": number(finite=False),
+    required={"name": string(), "rank": integer(minimum=1, maximum=INT64_MAX), "scale": number(finite=False),
               "importance": nullable(list_of(_maybe_number)), "layer": string(), "kind": string()},
     optional={"shape": list_of(integer(minimum=0), length=2), "spectrum": nullable(list_of(_maybe_number)),
               "energy_rank": nullable(obj(required={_ENERGY_LEVELS[1]: nullable(integer(minimum=0))},
@@ -403,7 +470,7 @@ _MODULE = obj(
     extra=_module_fields_agree,
 )
 _SNAPSHOT = obj(
-    required={"step": nullable(integer(minimum=0)), "modules": list_of(_MODULE), "summary": _SUMMARY,
+    required={"step": nullable(STEP), "modules": list_of(_MODULE), "summary": _SUMMARY,
               "skipped": integer(minimum=0)},
     optional={"path": nullable(string()), "format": nullable(string()), "skipped_names": list_of(string()),
               "notes": list_of(string())},
@@ -419,6 +486,52 @@ _ANALYSIS = obj(
 def check_analysis(document: Any, path: str | os.PathLike) -> dict[str, Any]:
     """An analysis JSON read back (compare, recommend): the analysis-v1 fields their code relies on."""
     return check(document, _ANALYSIS, str(path), ANALYSIS_WHAT)
+
+
+# ----------------------------------------------------------------------------- trace-v1
+
+TRACE_WHAT = "a rank trace record (trace-v1)"
+_PER_RANK = ("importance", "spectrum", "scores", "E")  # lists of one number (or null) per rank
+
+
+_NUMBER_TYPES = frozenset({int, float, type(None)})
+_numbers_or_null = list_of(nullable(number()))
+
+
+def _per_rank(value: Any, field: str) -> None:
+    """A list of numbers or nulls: one pass in C for the usual list (a trace holds ~30,000 per record), the
+    element-by-element check only to name what is wrong."""
+    if not (isinstance(value, list) and set(map(type, value)) <= _NUMBER_TYPES
+            and math.inf not in value and -math.inf not in value):
+        _numbers_or_null(value, field)
+
+
+def _trace_lengths(module: dict, field: str) -> None:
+    for key in _PER_RANK:
+        values = module.get(key)
+        if values is not None and len(values) != module["rank"]:
+            raise _Invalid(_join(field, key), values, f"one value per rank ({module['rank']})")
+
+
+_TRACE_MODULE = obj(
+    required={"name": string(), "rank": integer(minimum=1, maximum=INT64_MAX), "scale": number(),
+              "shape": list_of(integer(minimum=1, maximum=INT64_MAX), length=2)},
+    optional={"layer_type": string(), "dtype": string(), "dora": boolean, "error": nullable(string()),
+              **{key: nullable(_per_rank) for key in _PER_RANK}},
+    extra=_trace_lengths,
+)
+_TRACE_RECORD = obj(
+    required={"schema": string(), "step": STEP, "modules": list_of(_TRACE_MODULE)},
+    optional={"time": number(), "format": string(), "method": string(),
+              "beamlora": nullable(obj(optional={"ranks_operated": nullable(integer(minimum=0)),
+                                                 "operation_step": nullable(STEP)}))},
+)
+
+
+def check_trace_record(record: Any, source: str) -> dict[str, Any]:
+    """One record of ``rank_trace.jsonl``: the fields that become an analysis snapshot (rank ≥ 1, shapes of
+    positive integers, one value per rank, a step of 0 or more), so a bad record is refused where it is read."""
+    return check(record, _TRACE_RECORD, source, TRACE_WHAT)
 
 
 # ----------------------------------------------------------------------------- sweep-v1
@@ -437,5 +550,6 @@ def check_sweep(sweep: Any, path: str | os.PathLike) -> dict[str, Any]:
     return check(sweep, _SWEEP, str(path), SWEEP_WHAT)
 
 
-__all__ = ["open_regular", "parse_json", "read_json", "json_lines", "check", "fail", "describe", "check_adapter_config", "check_temperature",
-           "check_trainer_state", "check_event", "check_run_config", "check_analysis", "check_sweep"]
+__all__ = ["open_regular", "loads", "json_int", "parse_json", "read_json", "json_lines", "check", "fail", "describe",
+           "is_int", "is_number", "check_adapter_config", "check_temperature", "check_trainer_state", "check_event",
+           "check_run_config", "check_analysis", "check_sweep", "check_trace_record", "STEP", "INT64_MAX"]

@@ -280,7 +280,10 @@ def analyze(path: str | os.PathLike, format: str | None = None, spectrum: bool =
     }
     if isinstance(found, Series):
         document["final"] = str(found.final.weights) if found.final else None
-        document["events"] = found.events()
+        notes: list[str] = []
+        document["events"] = found.events(notes)
+        if notes and snapshots:  # a torn last line of events.jsonl: skipped, and said
+            snapshots[-1]["notes"] = snapshots[-1]["notes"] + notes
     return document
 
 
