@@ -25,6 +25,7 @@ from beamlora.runfolder import CHECKPOINTS, HELD_OUT_STATE, Interrupted, RunFold
 from beamlora.tasks import classification_parts, sft_parts, task_data
 from rankscope.constants import METRICS_FILE, RUN_CONFIG
 from rankscope.io.atomic import write_json, write_manifest, write_text
+from rankscope.progress import LogProgress
 from rankscope.tasks import models
 
 
@@ -266,16 +267,29 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
 
 
 def quiet_logs(trainer: Any, progress: bool) -> None:
-    """Keep Trainer's progress bar but not its log dicts; held-out lines come from our own callback."""
+    """Keep Trainer's progress bar (on a terminal; in a log, a line every 10% or 30 s) but not its log dicts;
+    held-out lines come from our own callback."""
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class BarOnly(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             pass
 
+    class StepLines(TrainerCallback):
+        """stderr is a file (CI, nohup): a few lines instead of a bar redrawn at every step."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.log = LogProgress(state.max_steps, "training", "optimizer steps")
+            self.log.n = state.global_step  # a resumed run starts where it stopped
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.log.update(state.global_step - self.log.n)
+
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:
-        trainer.add_callback(BarOnly())
+        trainer.add_callback(BarOnly() if sys.stderr.isatty() else StepLines())
 
 

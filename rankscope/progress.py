@@ -27,7 +27,7 @@ class LogProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        tenth = int(self.n / self.total / LOG_EVERY_FRACTION) if self.total else 0
+        tenth = (self.n * round(1 / LOG_EVERY_FRACTION)) // self.total if self.total else 0  # integers: no float drift
         now = self.clock()
         if now - self._start < LOG_AFTER_SECONDS:
             self._tenth = tenth

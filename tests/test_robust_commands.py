@@ -163,3 +163,30 @@ def test_a_state_dict_mismatch_is_told_by_its_first_size_mismatch_not_cut_at_the
     assert "torch.Size([3, 384])" in line and "(and 1 more)" in line and "\n" not in line
     assert load_error(ValueError("plain message\nsecond line")) == "plain message"
 
+
+
+def test_progress_in_a_log_is_a_line_every_tenth_after_the_first_seconds():
+    from rankscope.progress import LOG_AFTER_SECONDS, LOG_EVERY_SECONDS, LogProgress
+
+    now = [0.0]
+    lines: list[str] = []
+    log = LogProgress(100, "sweeping", "point", write=lines.append, clock=lambda: now[0])
+    for _ in range(100):
+        now[0] += LOG_AFTER_SECONDS / 40  # quiet for the first 40 steps, then a line at each tenth
+        log.update(1)
+    assert lines == [f"sweeping: {p}% ({p}/100 point)" for p in range(40, 101, 10)]
+    lines.clear()
+    slow = LogProgress(1000, "training", "step", write=lines.append, clock=lambda: now[0])
+    now[0] += LOG_AFTER_SECONDS + LOG_EVERY_SECONDS  # one slow step: a line although no tenth was reached
+    slow.update(1)
+    assert lines == ["training: 0% (1/1000 step)"]
+
+
+def test_beamlora_train_writes_no_bar_into_a_log(tiny_model, small_data, tmp_path):
+    args = ["--model", tiny_model, "--data", small_data, "--method", "beamlora", "--rank", "4", "--alpha", "8",
+            "--steps", "8", "--batch-size", "8", "--held-out", "40", "--max-length", "16", "--delta-t", "4",
+            "--snapshot-every", "0", "--trace-every", "0", "--eval-every", "8", "--out", tmp_path / "run"]
+    done = subprocess.run([sys.executable, "-m", "beamlora.cli", "train", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "it/s" not in done.stderr and "s/it" not in done.stderr  # stderr is a pipe here
