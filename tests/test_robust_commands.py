@@ -190,3 +190,19 @@ def test_beamlora_train_writes_no_bar_into_a_log(tiny_model, small_data, tmp_pat
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "it/s" not in done.stderr and "s/it" not in done.stderr  # stderr is a pipe here
+
+
+def test_a_write_that_fails_names_the_users_folder_and_leaves_nothing(tmp_path):
+    """A real failed write (a file-size limit, as a full disk would fail it): one Error naming --out, no temporary."""
+    rng = np.random.default_rng(5)
+    folder = peft(tmp_path / "a", rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32))
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # the plots and the report do not fit\n"
+            "from rankscope.cli import main\n"
+            "main(['analyze', sys.argv[1], '--out', sys.argv[2]])\n")
+    done = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "report")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    line = one_error(done)
+    assert f"--out {tmp_path / 'report'}: cannot be written (File too large)" in line and ".tmp" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

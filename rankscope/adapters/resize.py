@@ -34,7 +34,7 @@ import numpy as np
 
 from rankscope.constants import ADAPTER_CONFIG, RESIZE_SCHEMA, SCORES_FILE, STATE_FILE, TRAINER_STATE
 from rankscope.errors import RankscopeError
-from rankscope.io.atomic import atomic_dir, check_out, write_chunks, write_json, write_with
+from rankscope.io.atomic import check_out, output_folder, write_chunks, write_json, write_with
 from rankscope.io.formats import LoraModule
 from rankscope.io.loading import Checkpoint, load_checkpoint, resolve_adapter
 from rankscope.io.tensors import PICKLE_SUFFIXES, encode_safetensors, encode_tensor, open_tensor_file
@@ -378,7 +378,7 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
     tensors, rows, ranks, notes = _tensor_entries(checkpoint, rule, DTYPES[dtype])
     config = _config_for(checkpoint, rows, ranks)
     metadata = _metadata(checkpoint, ranks) if source.suffix == ".safetensors" else {}
-    with atomic_dir(out, "adapter", replace=overwrite) as tmp:
+    with output_folder(out, "adapter", replace=overwrite) as tmp:
         target = tmp / source.name
         if source.suffix in PICKLE_SUFFIXES:
             _save_pickle(target, tensors)

@@ -236,10 +236,16 @@ def atomic_dir(path: str | os.PathLike, kind: str = "adapter", replace: bool = T
 
 
 @contextlib.contextmanager
-def output_folder(path: str | os.PathLike, kind: str = "report", replace: bool = True) -> Iterator[Path]:
-    """An ``--out`` folder: checked before any work (:func:`check_out`), built aside, swapped in whole."""
-    with atomic_dir(check_out(path, kind, replace), kind, replace) as tmp:
-        yield tmp
+def output_folder(path: str | os.PathLike, kind: str = "report", replace: bool = True,
+                  option: str = "--out") -> Iterator[Path]:
+    """An ``--out`` folder: checked before any work (:func:`check_out`), built aside, swapped in whole. A write
+    that fails (a full disk, a permission) is one error naming the user's folder, never the hidden temporary."""
+    try:
+        with atomic_dir(check_out(path, kind, replace, option), kind, replace) as tmp:
+            yield tmp
+    except OSError as e:
+        raise RankscopeError(f"{option} {path}: cannot be written ({e.strerror or e}); nothing was left "
+                             "behind") from None
 
 
 # ----------------------------------------------------------------------------- a file the user names
