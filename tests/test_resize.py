@@ -334,7 +334,7 @@ def test_a_crash_while_writing_leaves_no_folder(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(module, "write_json", crash)  # after the weights, before the config
-    with pytest.raises(OSError):
+    with pytest.raises(RankscopeError, match=r"--out .*out: cannot be written \(No space left on device\)"):  # #22
         resize(tmp_path / "in", tmp_path / "out", energy=0.9)
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["in"]
 
