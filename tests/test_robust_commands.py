@@ -28,6 +28,11 @@ def peft(folder: Path, A: np.ndarray, B: np.ndarray, alpha: float = 8) -> Path:
     return folder
 
 
+def small_adapter(folder: Path, seed: int, alpha: float = 8) -> Path:
+    rng = np.random.default_rng(seed)
+    return peft(folder, rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32), alpha)
+
+
 def one_error(done: subprocess.CompletedProcess) -> str:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and lines and lines[-1].startswith("Error: "), done.stderr
@@ -48,9 +53,7 @@ def test_an_update_that_overflows_is_named_as_such_and_never_resized(tmp_path):
 
 
 def test_a_zero_scale_is_not_called_an_untrained_adapter(tmp_path):
-    rng = np.random.default_rng(1)
-    folder = peft(tmp_path / "a", rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32),
-                  alpha=0)
+    folder = small_adapter(tmp_path / "a", seed=1, alpha=0)
     sentence = rankscope.analyze(folder)["snapshots"][0]["summary"]["verdict"]["sentence"]
     assert "the scale is 0" in sentence and "B = 0" not in sentence
 
@@ -88,8 +91,7 @@ def test_resize_refuses_to_write_inf_into_a_float16_adapter(tmp_path):
     (["--validate", "--model", "/nonexistent/model"], "--model /nonexistent/model: not 'minilm'"),
 ])
 def test_a_failing_resize_writes_nothing(tmp_path, extra, expected):
-    rng = np.random.default_rng(2)
-    folder = peft(tmp_path / "a", rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32))
+    folder = small_adapter(tmp_path / "a", seed=2)
     (tmp_path / "FOLDER").mkdir()
     extra = [str(tmp_path / "FOLDER") if x == "FOLDER" else x for x in extra]
     assert expected in one_error(run_cli("resize", folder, "--out", tmp_path / "small", "--rank", "2", *extra))
@@ -98,8 +100,7 @@ def test_a_failing_resize_writes_nothing(tmp_path, extra, expected):
 
 def test_stdout_carries_only_the_json_whatever_a_c_library_prints(tmp_path):
     """LAPACK prints ``** On entry to DLASCL ...`` to file descriptor 1 from C: it must not land in the JSON."""
-    rng = np.random.default_rng(3)
-    folder = peft(tmp_path / "a", rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32))
+    folder = small_adapter(tmp_path / "a", seed=3)
     code = ("import ctypes, sys\n"
             "import rankscope.cli as cli\n"
             "analyze = cli.analyze_path\n"
@@ -194,8 +195,7 @@ def test_beamlora_train_writes_no_bar_into_a_log(tiny_model, small_data, tmp_pat
 
 def test_a_write_that_fails_names_the_users_folder_and_leaves_nothing(tmp_path):
     """A real failed write (a file-size limit, as a full disk would fail it): one Error naming --out, no temporary."""
-    rng = np.random.default_rng(5)
-    folder = peft(tmp_path / "a", rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32))
+    folder = small_adapter(tmp_path / "a", seed=5)
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # the plots and the report do not fit\n"
