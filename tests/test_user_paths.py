@@ -25,7 +25,7 @@ from beamlora.errors import BeamLoraError
 from beamlora.runfolder import RunFolder
 from rankscope.constants import MANIFEST_FILE
 from rankscope.errors import RankscopeError
-from rankscope.io.atomic import atomic_dir, output_folder
+from rankscope.io.atomic import atomic_dir, foreign_files, output_folder
 
 
 def adapter(folder: Path, seed: int = 0) -> Path:
@@ -212,3 +212,15 @@ def test_train_overwrite_refuses_a_folder_that_only_looks_like_a_run(tmp_path):
     with pytest.raises(BeamLoraError, match="holds no beamlora run"):
         RunFolder.open(folder, overwrite=True)
     assert tree(folder) == before
+
+
+def test_a_report_written_into_a_run_folder_keeps_the_run_replaceable(tmp_path):
+    """``make demo`` writes report/, sweep/ and resized-95/ into each run folder: those are this project's too."""
+    run = tmp_path / "run"
+    with atomic_dir(run, "run") as tmp:
+        (tmp / "config.json").write_text("{}")
+    with output_folder(run / "report") as tmp:
+        (tmp / "report.html").write_text("report")
+    assert foreign_files(run, "run") == []
+    (run / "report" / "notes.md").write_text("mine")  # something of the user's inside it: the report is theirs now
+    assert "report/notes.md" in foreign_files(run, "run")

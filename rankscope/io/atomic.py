@@ -95,28 +95,39 @@ def write_manifest(folder: str | os.PathLike, kind: str) -> None:
     write_json(folder / MANIFEST_FILE, {"written_by": "rankscope", "kind": kind, "files": listed}, indent=1)
 
 
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s manifest when it is a valid one this project wrote (never reading a FIFO or a link)."""
+    try:
+        if not stat.S_ISREG(os.lstat(folder / MANIFEST_FILE).st_mode):
+            return None
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = (isinstance(manifest, dict) and manifest.get("written_by") == "rankscope" and manifest.get("kind") in KINDS
+          and isinstance(manifest.get("files"), list))
+    return manifest if ok else None
+
+
 def foreign_files(folder: str | os.PathLike, kind: str) -> list[str]:
     """What in ``folder`` this project did not write as output of ``kind`` (empty: the folder may be replaced).
 
     A folder without a valid manifest is foreign as a whole, except an empty one, and a report folder of
-    rankscope < 0.2 (its own file names and plots only).
+    rankscope < 0.2 (its own file names and plots only). A sub-folder this project wrote later (a report or a
+    resized adapter inside a run folder: its own manifest, nothing added since) counts as this project's.
     """
     folder = Path(folder)
     present = [name for name in _files(folder) if name != MANIFEST_FILE]
-    try:
-        if not stat.S_ISREG(os.lstat(folder / MANIFEST_FILE).st_mode):  # a FIFO would block the read
-            raise ValueError("not a regular file")
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        ok = (isinstance(manifest, dict) and manifest.get("written_by") == "rankscope"
-              and manifest.get("kind") == kind and isinstance(manifest.get("files"), list))
-    except (OSError, ValueError, RecursionError):
-        manifest, ok = None, False
-    if ok:
+    manifest = _manifest(folder)
+    if manifest is not None and manifest["kind"] == kind:
         listed = set(manifest["files"])
-        return [name for name in present if name not in listed]
-    if kind == "report" and not os.path.lexists(folder / MANIFEST_FILE):
-        return [name for name in present if "/" in name or not (name in _LEGACY_REPORT_NAMES or name.endswith(".png"))]
-    return present
+        foreign = [name for name in present if name not in listed]
+    elif kind == "report" and not os.path.lexists(folder / MANIFEST_FILE):
+        foreign = [name for name in present if "/" in name or not (name in _LEGACY_REPORT_NAMES or name.endswith(".png"))]
+    else:
+        foreign = present
+    ours = [name for name in foreign if name.endswith("/") and (sub := _manifest(folder / name)) is not None
+            and not foreign_files(folder / name, sub["kind"])]
+    return [name for name in foreign if not any(name.startswith(sub) for sub in ours)]
 
 
 def _listed(names: list[str]) -> str:
