@@ -73,10 +73,23 @@ def _stdout_for_results_only() -> Iterator[None]:
         os.close(real)
 
 
+_STDOUT_NAMES = ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")  # file descriptor 1 goes to stderr while we work
+
+
+def _is_stdout(target: str) -> bool:
+    """Whether ``target`` names stdout (``/dev/stdout`` and the like, or the very file stdout goes to)."""
+    if os.path.normpath(target) in _STDOUT_NAMES:
+        return True
+    try:
+        return os.path.samestat(os.stat(target), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def emit_json(text: str, target: str, human_lines: list[str]) -> None:
     """JSON to stdout with '-' (the human summary then goes to stderr), or to FILE as
     :func:`rankscope.io.atomic.write_to_path` writes it (a device or FIFO written through, a symlink followed)."""
-    if target == "-":
+    if target == "-" or _is_stdout(target):  # --json /dev/stdout: JSON alone on stdout, as with -
         if sys.stdout is None or sys.stdout.closed:
             raise RankscopeError("--json -: stdout is closed, so the JSON cannot be written: expected an open "
                                  "stdout, or --json FILE")

@@ -224,3 +224,10 @@ def test_a_report_written_into_a_run_folder_keeps_the_run_replaceable(tmp_path):
     assert foreign_files(run, "run") == []
     (run / "report" / "notes.md").write_text("mine")  # something of the user's inside it: the report is theirs now
     assert "report/notes.md" in foreign_files(run, "run")
+
+
+def test_json_to_dev_stdout_is_json_alone_on_stdout(real_fixtures):
+    done = run_cli("analyze", real_fixtures / "peft-gpt2-conv1d", "--json", "/dev/stdout")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["format"] == "peft" and "verdict" in done.stderr  # the summary went to stderr
+

@@ -173,11 +173,14 @@ def check_file_target(path: str | os.PathLike, option: str = "--json") -> None:
     """Before any work: a file target (``--json FILE``) that is a folder, or whose folder cannot be written, is
     refused now; a device, a FIFO or a symlink's target is checked when written (:func:`write_to_path`)."""
     given = Path(path)
-    target = Path(os.path.realpath(given))
-    if target.is_dir():
+    try:
+        mode = os.stat(given).st_mode  # follows links: /dev/stderr is a pipe or a terminal, written through
+    except OSError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
         raise RankscopeError(f"{option} {given} is a folder: expected a file to write (or - for stdout)")
-    if not os.path.lexists(target):
-        _check_writable(target.parent, given, option)
+    if mode is None:
+        _check_writable(Path(os.path.realpath(given)).parent, given, option)
 
 
 def _keep_aside(tmp: Path, path: Path) -> Path:
