@@ -6,21 +6,33 @@ important slots pruned, and the compression view), and resized to 95% of each mo
 the accuracy checked before and after. Ends with both held-out accuracies, the resized sizes and
 accuracies, and where the reports and plots are.
 
-    python -m beamlora.demo [--out demo_runs] [--steps 240]
+The two runs are independent until the comparison, so each runs in its own process (``--jobs 2``,
+the default), with half the machine's cores: on a small CPU, two one-thread runs side by side finish
+sooner than the same runs one after the other with two threads each (small matrices do not keep two
+threads busy). Their log lines are relayed, prefixed with the method; each run's results come back as
+one JSON line on the worker's stdout. ``--jobs 1`` runs them one after the other in this process.
+
+    python -m beamlora.demo [--out demo_runs] [--steps 360] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from beamlora.errors import BeamLoraError
 from beamlora.train import TrainConfig
 from rankscope.adapters.resize import evaluate_resize, resize
 from rankscope.errors import RankscopeError
+from rankscope.io.documents import load_document
 from rankscope.io.loading import resolve_adapter
 from rankscope.maths.analysis import analyze
 from rankscope.maths.compare import compare
@@ -29,11 +41,14 @@ from rankscope.tasks.runconfig import read_run_config
 from rankscope.views.outputs import temporal_view, write_analysis, write_compare, write_sweep
 from rankscope.views.text import compare_lines
 
-# The setting of the method notes' small-scale measurement: 360 steps of batch 16, Δt 60.
-DEMO = TrainConfig(steps=360, eval_every=180, snapshot_every=40, delta_t=60, held_out=1000)
+# The setting of the method notes' small-scale measurement: 360 steps of batch 16, Δt 60. One held-out
+# evaluation, at the end (the sweep and the resize check evaluate the final adapter again).
+DEMO = TrainConfig(steps=360, eval_every=360, snapshot_every=40, delta_t=60, held_out=1000)
+METHODS = {"lora": "LoRA", "beamlora": "BeamLoRA"}
 SWEEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 SWEEP_ENERGIES = (0.8, 0.95)  # the compression view: each module keeps this share of its energy
 SWEEP_EXAMPLES = 300
+RESULT_PREFIX = "demo-result "  # the worker's one stdout line: this, then its results as JSON
 
 
 def demo_config(method: str, steps: int, held_out: int, out: Path) -> TrainConfig:
@@ -45,28 +60,76 @@ def demo_config(method: str, steps: int, held_out: int, out: Path) -> TrainConfi
                                delta_t=scaled(DEMO.delta_t))
 
 
-def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out) -> int:
+def run_method(method: str, out: Path, steps: int, held_out: int) -> dict[str, Any]:
+    """One run, start to end: train, analyse (report), sweep and resize; what the summary needs, as JSON values."""
     # imported on use: torch, peft and transformers load only when training starts
     from beamlora.train import train
 
-    results = {}
-    started = time.perf_counter()
-    for method in ("lora", "beamlora"):
-        print(f"== training {method} ({steps} steps) ==", file=sys.stderr)
-        results[method] = train(demo_config(method, steps, held_out, out), overwrite=True)
+    print(f"== training {method} ({steps} steps) ==", file=sys.stderr)
+    result = train(demo_config(method, steps, held_out, out), overwrite=True)
+    document = analyze(result.run_dir, progress=False)
+    dyn, rec, _ = temporal_view(document)
+    write_analysis(document, result.run_dir / "report", dyn, rec)
+    print(f"== sweeping {method}: least / most important ranks pruned, and the compression view ==", file=sys.stderr)
+    sweep = sweep_run(result.run_dir)
+    print(f"== resizing {method} to 95% of each module's energy, checked on the held-out split ==", file=sys.stderr)
+    resized = resize_run(result.run_dir)
+    return {"run_dir": str(result.run_dir), "accuracy": result.accuracy, "majority_rate": result.majority_rate,
+            "sweep": sweep, "resized": {**resized.to_dict(), "validation": resized.validation, "out": str(resized.out)}}
 
-    documents, sweeps, resized = {}, {}, {}
-    for method, result in results.items():
-        document = analyze(result.run_dir, progress=False)
-        dyn, rec, _ = temporal_view(document)
-        write_analysis(document, result.run_dir / "report", dyn, rec)
-        documents[method] = document
-        print(f"== sweeping {method}: least / most important ranks pruned, and the compression view ==", file=sys.stderr)
-        sweeps[method] = sweep_run(result.run_dir)
-        print(f"== resizing {method} to 95% of each module's energy, checked on the held-out split ==", file=sys.stderr)
-        resized[method] = resize_run(result.run_dir)
-    comparison = compare([documents["lora"], documents["beamlora"]], ["LoRA", "BeamLoRA"],
-                         [sweeps["lora"], sweeps["beamlora"]])
+
+def _threads_per_run(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _worker(method: str, out: Path, steps: int, held_out: int, jobs: int) -> subprocess.Popen:
+    threads = str(_threads_per_run(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "beamlora.demo", "--worker", method, "--out", str(out), "--steps", str(steps),
+               "--held-out", str(held_out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _relay(stream: Any, label: str) -> None:
+    for line in stream:
+        if line.strip():
+            print(f"[{label}] {line.rstrip()}", file=sys.stderr, flush=True)
+
+
+def run_parallel(out: Path, steps: int, held_out: int, jobs: int = 2) -> dict[str, dict[str, Any]]:
+    """Both runs in their own processes; a failure in one stops the other and is raised as one error."""
+    workers = {method: _worker(method, out, steps, held_out, jobs) for method in METHODS}
+    relays = [threading.Thread(target=_relay, args=(w.stderr, m), daemon=True) for m, w in workers.items()]
+    for relay in relays:
+        relay.start()
+    try:
+        stdout = {method: worker.communicate()[0] for method, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.terminate()
+                worker.wait()
+        for relay in relays:
+            relay.join(timeout=5)
+    results = {}
+    for method, worker in workers.items():
+        lines = [line for line in stdout[method].splitlines() if line.startswith(RESULT_PREFIX)]
+        if worker.returncode != 0 or not lines:
+            raise BeamLoraError(f"the {method} run stopped (exit status {worker.returncode}); its log lines, "
+                                f"prefixed [{method}], say why")
+        results[method] = json.loads(lines[-1][len(RESULT_PREFIX):])
+    return results
+
+
+def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out, jobs: int = 2) -> int:
+    started = time.perf_counter()
+    if jobs > 1:
+        results = run_parallel(out, steps, held_out, jobs)
+    else:
+        results = {method: run_method(method, out, steps, held_out) for method in METHODS}
+
+    documents = [load_document(Path(r["run_dir"]) / "report" / "analysis.json") for r in results.values()]
+    comparison = compare(documents, list(METHODS.values()), [r["sweep"] for r in results.values()])
     lines = compare_lines(comparison)
     write_compare(comparison, out / "compare", lines)
 
@@ -74,18 +137,16 @@ def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out) -> in
     for line in lines:
         print(line)
     print()
-    for method, result in results.items():
-        name = "BeamLoRA" if method == "beamlora" else "LoRA"
-        print(f"{name:9} held-out accuracy {result.accuracy:.4f}   (majority class {result.majority_rate:.4f}; "
-              f"report {result.run_dir / 'report' / 'report.html'})")
+    for method, r in results.items():
+        print(f"{METHODS[method]:9} held-out accuracy {r['accuracy']:.4f}   (majority class {r['majority_rate']:.4f}; "
+              f"report {Path(r['run_dir']) / 'report' / 'report.html'})")
     print()
-    for method, result in resized.items():
-        name = "BeamLoRA" if method == "beamlora" else "LoRA"
-        d, v = result.to_dict(), result.validation
-        print(f"{name:9} resized to 95% energy: ranks {d['ranks_before']['median']:g} -> median "
+    for method, r in results.items():
+        d, v = r["resized"], r["resized"]["validation"]
+        print(f"{METHODS[method]:9} resized to 95% energy: ranks {d['ranks_before']['median']:g} -> median "
               f"{d['ranks_after']['median']:g} (range {d['ranks_after']['min']:g}–{d['ranks_after']['max']:g}), "
               f"LoRA parameters {d['params_after'] / d['params_before']:.0%} kept, file {d['bytes_before'] / 2**20:.2f} -> "
-              f"{d['bytes_after'] / 2**20:.2f} MiB, accuracy {v['before']:.4f} -> {v['after']:.4f} ({result.out})")
+              f"{d['bytes_after'] / 2**20:.2f} MiB, accuracy {v['before']:.4f} -> {v['after']:.4f} ({d['out']})")
     print(f"comparison  {out / 'compare' / 'report.html'}")
     print(f"took {time.perf_counter() - started:.0f} s")
     return 0
@@ -123,9 +184,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_runs"))
     parser.add_argument("--steps", type=int, default=DEMO.steps)
     parser.add_argument("--held-out", type=int, default=DEMO.held_out)
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
+                        help="2: the two runs side by side in their own processes, each with half the cores "
+                             "(default); 1: one after the other in this process")
+    parser.add_argument("--worker", choices=tuple(METHODS), help=argparse.SUPPRESS)  # one run, for --jobs 2
     args = parser.parse_args(argv)
     try:
-        sys.exit(run(args.out, args.steps, args.held_out))
+        if args.worker:
+            result = run_method(args.worker, args.out, args.steps, args.held_out)
+            print(RESULT_PREFIX + json.dumps(result), flush=True)
+            sys.exit(0)
+        sys.exit(run(args.out, args.steps, args.held_out, args.jobs))
     except (BeamLoraError, RankscopeError) as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)

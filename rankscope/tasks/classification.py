@@ -55,7 +55,11 @@ def causal_collator(pad_id: int) -> Callable[[list[dict]], dict]:
 
 
 def classification_metrics(model: Any, encoded: _Encoded, collate: Callable, batch_size: int = 64) -> dict[str, float]:
-    """Held-out accuracy and mean cross-entropy, in eval mode and without gradients."""
+    """Held-out accuracy and mean cross-entropy, in eval mode and without gradients.
+
+    Examples go through in order of length, so each batch is padded to about its own length rather than to the
+    longest text of a random draw (the attention mask makes the padding irrelevant to each example's logits).
+    """
     import torch
 
     was_training = model.training
@@ -64,8 +68,10 @@ def classification_metrics(model: Any, encoded: _Encoded, collate: Callable, bat
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                batch = {k: v.to(device) for k, v in collate(encoded.items[start:start + batch_size]).items()}
+            order = sorted(range(len(encoded)), key=lambda i: len(encoded.items[i]["input_ids"]))
+            for start in range(0, len(order), batch_size):
+                items = [encoded.items[i] for i in order[start:start + batch_size]]
+                batch = {k: v.to(device) for k, v in collate(items).items()}
                 out = model(**batch)
                 labels = batch["labels"]
                 correct += int((out.logits.argmax(-1) == labels).sum())
