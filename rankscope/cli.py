@@ -319,7 +319,7 @@ def _placement_options(prefix: str = ""):
                          help=f"{prefix}dtype the base model is loaded in (the adapter stays float32 on a bf16/fp16 "
                               "base); fp16 is refused on the CPU."),
             click.option("--batch-size", type=int, help=f"{prefix}examples per forward pass (default: the metric's own, "
-                                                         "16-64)."),
+                                                         "8-64)."),
         )):
             command = option(command)
         return command
