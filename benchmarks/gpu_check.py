@@ -101,7 +101,7 @@ def same_result(device: str) -> bool:
     dev_state, dev_events, dev_modules = tiny_run(device)
     ok = True
     ops = sorted({e["step"] for e in cpu_events})
-    slots = lambda events: [(e["step"], e.get("module"), e["pruned"], e.get("expanded")) for e in events]  # noqa: E731
+    slots = lambda events: [(e["step"], e.get("module"), e["pruned"], e["sources"]) for e in events]  # noqa: E731
     same_events = slots(cpu_events) == slots(dev_events)
     ok &= same_events and bool(ops)
     print(f"part 1: tiny BERT, LoRA r=8 on query/value, BeamLoRA Δt 2 over 8 steps, {device} against the CPU "

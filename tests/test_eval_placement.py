@@ -6,6 +6,7 @@ bit (torch.equal); bad --device / --precision / --batch-size are one Error: line
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 import rankscope
 from rankscope import RankscopeError
 from rankscope.adapters.sweep import sweep
+from rankscope.cli import main
 from rankscope.io.loading import resolve_adapter
 from rankscope.tasks.arithmetic import generate
 from rankscope.tasks.evaluate import build_evaluation
@@ -123,14 +125,39 @@ def _one_error_line(result, *expected: str) -> None:
         assert text in lines[0], (text, lines[0])
 
 
-def test_cli_refuses_bad_placements_before_anything_loads(tmp_path):
+def _in_process_error(capfd, *args) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    assert exit_.value.code == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: "), err
+    return err[0]
+
+
+def test_cli_refuses_bad_placements_before_anything_loads(tmp_path, capfd):
     # The adapter does not exist: the placement error coming first shows it is checked before any read or load.
     missing = tmp_path / "no-adapter"
     sweep_args = ("sweep", missing, "--model", "smollm2", "--out", tmp_path / "out")
-    _one_error_line(run_cli(*sweep_args, "--device", "cpu", "--precision", "fp16"), "fp16 on the CPU")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # a fresh interpreter, as a user runs it
         _one_error_line(run_cli(*sweep_args, "--device", "cuda", "--precision", "bf16"), "--device cuda", "no CUDA")
+    assert "fp16 on the CPU" in _in_process_error(capfd, *sweep_args, "--device", "cpu", "--precision", "fp16")
+    assert "--batch-size 0" in _in_process_error(capfd, *sweep_args, "--batch-size", "0")
     if not torch.backends.mps.is_available():
-        _one_error_line(run_cli("resize", missing, "--out", tmp_path / "small", "--rank", "2", "--validate",
-                                "--model", "smollm2", "--device", "mps"), "--device mps")
+        assert "--device mps" in _in_process_error(capfd, "resize", missing, "--out", tmp_path / "small", "--rank", "2",
+                                                   "--validate", "--model", "smollm2", "--device", "mps")
     assert not (tmp_path / "out").exists() and not (tmp_path / "small").exists()
+
+
+def test_cli_sweep_in_bf16_names_its_placement(tiny, tmp_path, capfd):
+    base, adapter, texts = tiny
+    args = ["sweep", adapter, "--model", base, "--data", texts, "--metric", "loss", "--examples", "6", "--fractions",
+            "0,1", "--order", "least", "--no-spectral", "--energies", "", "--device", "cpu", "--precision", "bf16",
+            "--batch-size", "3", "--out", tmp_path / "sweep", "--json", "-"]
+    main([str(a) for a in args])  # in this process: the subprocess runs above already cover the entry point
+    out, err = capfd.readouterr()
+    assert "(cpu, bf16, batch 3)" in err.splitlines()[0], err
+    api = rankscope.sweep(str(base), adapter, data=str(texts), metric="loss", examples=6, fractions=(0.0, 1.0),
+                          orders=("least",), spectral=False, energies=(), progress=False, device="cpu",
+                          precision="bf16", batch_size=3)
+    document = json.loads(out)
+    assert document["baseline"] == api.baseline == document["restored_value"]
