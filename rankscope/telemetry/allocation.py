@@ -73,8 +73,10 @@ class AllocationWatch:
         self._rank_pattern: Any = None
 
     def start(self, model: Any, step: int) -> None:
-        """Recognise the method at the run's first step ``step`` (a resumed run past the due step is not watched)."""
-        self._started = True
+        """Recognise the method at the run's first step ``step`` (a resumed run past the due step is not watched).
+
+        Each call starts a new watch (a callback reused for another ``train()`` warns again if that run stalls)."""
+        self.expected, self.warned, self._done, self._started = None, False, False, True
         model = unwrap_model(model)
         found = _adalora_config(model)
         if found is not None:
