@@ -11,6 +11,8 @@ Two parts, one run, under 5 minutes on one GPU:
    difference of 1e-4 (max |gpu − cpu| over max |cpu| per tensor). Float32 kernels differ in summation
    order between devices; after eight Adam steps the differences are ~1e-6, so 1e-4 leaves room and
    still catches a wrong slot, a lost moment or a dtype slip (each an O(1) difference).
+   Then ``rankscope sweep``'s evaluation on the GPU in bf16 (MiniLM with a LoRA adapter, loss on 256
+   rotten-tomatoes examples) against fp32 on the CPU: within 5e-2 relative, and restored bit for bit.
 2. **Cost.** SmolLM2-135M-Instruct (the packaged weights, ``rankscope.tasks.models.load_causal_lm``),
    LoRA r=16 on q/k/v/o of all 30 layers, bf16 autocast with float32 weights, batch 16 × 1024 random
    tokens (causal-LM loss), AdamW lr 1e-4. Two models from the same weights and seed: plain LoRA and
@@ -120,6 +122,36 @@ def same_result(device: str) -> bool:
     ok &= len(cpu_modules) == len(dev_modules) and worst_monitor <= TOLERANCE
     print(f"  monitor record ({len(cpu_modules)} modules: importances, spectra, scores): max relative difference "
           f"{worst_monitor:.2e}")
+    print(f"  {'PASS' if ok else 'FAIL'} ({time.perf_counter() - start:.1f} s)")
+    return ok
+
+
+def sweep_in_bf16(device: str, examples: int) -> bool:
+    """Part 1b: ``rankscope.sweep`` with the base model in bf16 on ``device`` against fp32 on the CPU."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+
+    import rankscope
+    from rankscope.tasks.models import load_classifier
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        base, _ = load_classifier("minilm", 2)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                init_lora_weights=False))
+        model.save_pretrained(tmp)
+        options = dict(data="rotten-tomatoes", metric="loss", examples=examples, fractions=(0.0, 0.5, 1.0),
+                       orders=("least",), spectral=False, energies=(), progress=False)
+        cpu = rankscope.sweep("minilm", tmp, device="cpu", precision="fp32", **options)
+        dev = rankscope.sweep("minilm", tmp, device=device, precision="bf16", **options)
+    worst = max(abs(dev.value("least", f) - cpu.value("least", f)) / abs(cpu.value("least", f)) for f in (0.0, 0.5, 1.0))
+    restored = dev.restored_value == dev.baseline and cpu.restored_value == cpu.baseline
+    ok = restored and worst <= 0.05
+    print(f"part 1b: rankscope.sweep of a MiniLM LoRA adapter (r=4, loss on {examples} rotten-tomatoes examples), "
+          f"bf16 on {device} against fp32 on the CPU; tolerance 5e-2 relative (bf16 rounds the base weights)")
+    print(f"  loss at 0, 50%, 100% pruned: max relative difference {worst:.2e}; the metric after restoring equals the "
+          f"baseline bit for bit: {restored}")
     print(f"  {'PASS' if ok else 'FAIL'} ({time.perf_counter() - start:.1f} s)")
     return ok
 
@@ -240,12 +272,14 @@ def main() -> int:
         torch.set_num_threads(1)
         print("CPU smoke check (tiny sizes; not a measurement):")
         ok &= same_result("cpu")
+        ok &= sweep_in_bf16("cpu", examples=8)
         cost("cpu", "tiny", rank=4, batch=2, length=16, steps=8, delta_t=2, warmup=1)
     if not torch.cuda.is_available():
         print("no CUDA device here (torch.cuda.is_available() is False): the GPU check did not run"
               + ("" if args.cpu_smoke else "; --cpu-smoke runs its CPU half as a smoke check"))
         return 0 if ok else 1
     ok &= same_result("cuda")
+    ok &= sweep_in_bf16("cuda", examples=256)
     cost("cuda", args.model, args.rank, args.batch, args.length, args.steps, args.delta_t, args.warmup)
     return 0 if ok else 1
 

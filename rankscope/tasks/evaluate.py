@@ -140,7 +140,7 @@ def _with_adapter(base: Any, checkpoint: Checkpoint, model_spec: str, placement:
     check_fits(base, checkpoint)
     from peft import PeftModel
 
-    base = base.to(placement.device)  # the LoRA layers are created beside their base layers
+    base = base.to(placement.device)  # loaded there already (device_map); the LoRA layers are created beside it
     try:
         model = PeftModel.from_pretrained(base, str(checkpoint.path.parent))
     except (ValueError, RuntimeError, KeyError) as e:
@@ -199,9 +199,10 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
     if head == "classification":
         if text_file is not None:
             raise RankscopeError(f"{model_spec} is a classifier: loss/perplexity on a text file need a causal LM")
-        base, tokenizer = models.load_classifier(model_spec, len(labelled.label_names), dtype=placement.dtype)
+        base, tokenizer = models.load_classifier(model_spec, len(labelled.label_names), dtype=placement.dtype,
+                                                  device=placement.device)
     else:
-        base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype)
+        base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype, device=placement.device)
     model = _with_adapter(base, checkpoint, model_spec, placement)
     max_length = int(run_config.get("max_length", TASK_DEFAULTS["classification"]["max_length"]
                                     if head == "classification" else TEXT_MAX_LENGTH))
@@ -256,7 +257,7 @@ def _sft_task(checkpoint: Checkpoint, model_spec: str, data: str | None, metric:
         held = read_jsonl(data)
         what = f"examples of {data}"
     held = held[: examples or None]
-    base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype)
+    base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype, device=placement.device)
     model = _with_adapter(base, checkpoint, model_spec, placement)
     max_length = int(run_config.get("max_length") or TASK_DEFAULTS["sft"]["max_length"])
     batch = {} if placement.batch_size is None else {"batch_size": placement.batch_size}

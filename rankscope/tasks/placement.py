@@ -78,8 +78,3 @@ def resolve_placement(device: str | None = "auto", precision: str | None = "fp32
         raise RankscopeError(f"--precision bf16: the CUDA device {torch.cuda.get_device_name()} has no bfloat16 "
                              "support: expected --precision fp16 or fp32 on it")
     return Placement(device, precision, batch_size)
-
-
-def place(model: Any, placement: Placement) -> Any:
-    """``model`` moved to the placement's device (it was loaded in its dtype), in eval mode."""
-    return model.to(placement.device).eval()
