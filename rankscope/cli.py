@@ -35,6 +35,7 @@ from rankscope.progress import progress_bar
 from rankscope.tasks import models
 from rankscope.tasks.data import open_data_file
 from rankscope.tasks.evaluate import build_evaluation
+from rankscope.tasks.placement import resolve_placement
 from rankscope.tasks.runconfig import read_run_config
 from rankscope.views.outputs import recommendation_lines, temporal_view, write_analysis, write_compare, write_sweep
 from rankscope.views.text import compare_lines, suggest_lines, summary_lines
@@ -306,6 +307,25 @@ def suggest(path: Path, energy: float, format_: str | None, step: int | None, js
     _finish(suggest_lines(result), to_json(result) if json_target else None, json_target)
 
 
+def _placement_options(prefix: str = ""):
+    """--device, --precision and --batch-size of an evaluation (sweep, resize --validate); checked before any load."""
+    def decorate(command):
+        for option in reversed((
+            click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"], case_sensitive=False),
+                         default="auto", show_default=True,
+                         help=f"{prefix}where the base model is evaluated (auto: CUDA, then MPS, then the CPU)."),
+            click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"], case_sensitive=False),
+                         default="fp32", show_default=True,
+                         help=f"{prefix}dtype the base model is loaded in (the adapter stays float32 on a bf16/fp16 "
+                              "base); fp16 is refused on the CPU."),
+            click.option("--batch-size", type=int, help=f"{prefix}examples per forward pass (default: the metric's own, "
+                                                         "8-64)."),
+        )):
+            command = option(command)
+        return command
+    return decorate
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
@@ -328,10 +348,12 @@ def suggest(path: Path, energy: float, format_: str | None, step: int | None, js
 @click.option("--metric", type=click.Choice(["accuracy", "exact_match", "loss", "perplexity"]),
               help="--validate: the metric to compare (default: the run's own; accuracy otherwise).")
 @click.option("--examples", type=click.IntRange(min=1), help="--validate: only the first N held-out examples.")
+@_placement_options("--validate: ")
 @click.option("--json", "json_target", metavar="FILE|-", help="Write the per-module table as JSON to FILE, or to stdout with '-'.")
 def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, max_error: float | None, module_min: int,
            dtype: str, step: int | None, format_: str | None, overwrite: bool, validate: bool, model_spec: str | None,
-           data: str | None, metric: str | None, examples: int | None, json_target: str | None) -> None:
+           data: str | None, metric: str | None, examples: int | None, device: str, precision: str,
+           batch_size: int | None, json_target: str | None) -> None:
     """Write a smaller adapter: each module truncated to its best rank-k update, in the input's own format.
 
     Exactly one rule picks each module's k: --energy F (the same rule as `rankscope suggest`),
@@ -344,7 +366,9 @@ def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, ma
     check_rule(energy, rank, max_error, module_min)  # before anything is read
     _check_out(None, json_target)
     run_config = read_run_config(path) if validate and path.is_dir() else None
+    placement = None
     if validate:
+        placement = resolve_placement(device, precision, batch_size)
         _check_model(model_spec or (run_config or {}).get("model"))
         if data is not None and Path(data).suffix:  # a data file (not a packaged set): readable, before any work
             open_data_file(Path(data), "the --validate data").close()
@@ -352,7 +376,7 @@ def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, ma
                         dtype=dtype, overwrite=overwrite, step=step, format=format_)
     if validate:
         result.validation = evaluate_resize(resolve_adapter(path, step, format_), out_dir, model_spec, data, metric,
-                                         examples, run_config)
+                                         examples, run_config, placement)
     _finish(result.summary_lines(), to_json(result.to_dict()) if json_target else None, json_target)
 
 
@@ -398,13 +422,14 @@ def _fractions(text: str) -> list[float]:
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds for the random order.")
 @click.option("--step", type=int, help="For a run folder: sweep the snapshot at this step instead of the final adapter.")
 @click.option("--examples", type=click.IntRange(min=1), help="Evaluate on only the first N held-out examples (faster).")
+@_placement_options()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Folder for sweep.json, sweep.csv and sweep.png.")
 @click.option("--json", "json_target", metavar="FILE|-", help="Also write the sweep JSON to FILE, or to stdout with '-'.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over points (default: when stderr is a terminal).")
 def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str | None, fractions: str, orders: str,
-          spectral: bool, energies: str, seeds: int, step: int | None, examples: int | None, out_dir: Path,
-          json_target: str | None,
+          spectral: bool, energies: str, seeds: int, step: int | None, examples: int | None, device: str,
+          precision: str, batch_size: int | None, out_dir: Path, json_target: str | None,
           progress: bool | None) -> None:
     """Prune each module's least / most / random important ranks and measure the metric.
 
@@ -426,13 +451,15 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str |
     unknown = [o for o in order_list if o not in ORDERS]
     if unknown or not order_list:
         raise RankscopeError(f"--order {orders!r}: expected some of least, most, random")
+    placement = resolve_placement(device, precision, batch_size)
     checkpoint = resolve_adapter(adapter, step)
     run_config = read_run_config(adapter) if adapter.is_dir() else None
-    task = build_evaluation(checkpoint, model_spec, data, metric, examples, run_config)
+    task = build_evaluation(checkpoint, model_spec, data, metric, examples, run_config, placement)
     result = run_sweep(task.model, checkpoint, task.evaluate, fractions=fraction_list, orders=order_list, seeds=seeds, spectral=spectral,
                        energies=energy_list, progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
     paths = write_sweep(result, out_dir, title=f"{adapter.name}: {task.description}")
-    lines = [f"sweep: {checkpoint.path.parent} on {task.description}", f"  {result.summary_line()}"]
+    lines = [f"sweep: {checkpoint.path.parent} on {task.description} ({placement.describe()})",
+             f"  {result.summary_line()}"]
     lines += [f"  note           {note}" for note in result.notes] + _written(paths)
     _finish(lines, result.to_json() if json_target else None, json_target)
 

@@ -42,6 +42,7 @@ from rankscope.maths import importance as imp
 from rankscope.maths.analysis import analysis_threads, one_blas_thread
 from rankscope.maths.suggest import check_energy, module_rank, peft_fragment
 from rankscope.tasks.evaluate import build_evaluation
+from rankscope.tasks.placement import Placement
 
 SCHEMA = RESIZE_SCHEMA
 DTYPES = {"keep": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
@@ -395,15 +396,17 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
 
 
 def evaluate_resize(original: Checkpoint, resized: str | os.PathLike, model_spec: str | None = None, data: str | None = None,
-             metric: str | None = None, examples: int | None = None, run_config: dict | None = None) -> dict[str, Any]:
+             metric: str | None = None, examples: int | None = None, run_config: dict | None = None,
+             placement: Placement | None = None) -> dict[str, Any]:
     """The task metric of the original and of the resized adapter, on the same examples (``rankscope sweep``'s tasks).
 
-    A ``beamlora train`` run supplies its own model, data and held-out split through ``run_config``.
+    A ``beamlora train`` run supplies its own model, data and held-out split through ``run_config``;
+    ``placement`` is the device, precision and batch size of the evaluation (None: CPU, float32).
     """
 
     values, description = [], ""
     for checkpoint in (original, load_checkpoint(Path(resized) / original.path.name)):
-        task = build_evaluation(checkpoint, model_spec, data, metric, examples, run_config)
+        task = build_evaluation(checkpoint, model_spec, data, metric, examples, run_config, placement)
         values.append(float(task.evaluate(task.model)))
         description, metric = task.description, task.metric
         del task  # one model in memory at a time

@@ -325,13 +325,40 @@ def _energy_drops(layers: list[LoraLayer], energies: Sequence[float]) -> dict[fl
     return {f: [layer.rank - module_rank(s, layer.rank, energy=f) for layer, s in zip(layers, spectra)] for f in energies}
 
 
-def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Series | None,
-          evaluate: Callable[[torch.nn.Module], float], fractions: Sequence[float] = DEFAULT_FRACTIONS,
+def _built_task(model_spec: str | os.PathLike | None, adapter: Any, step: int | None, data: str | None,
+                metric: str | None, examples: int | None, device: str | None, precision: str | None,
+                batch_size: int | None) -> tuple[Checkpoint, Any]:
+    """The checkpoint and ``rankscope sweep``'s evaluation of it (base model loaded on the asked device and dtype)."""
+    from pathlib import Path
+
+    from rankscope.tasks.evaluate import build_evaluation
+    from rankscope.tasks.placement import resolve_placement
+    from rankscope.tasks.runconfig import read_run_config
+
+    placement = resolve_placement(device, precision, batch_size)  # before anything loads
+    if adapter is None:
+        raise RankscopeError("a model spec needs the adapter: expected sweep(model_spec, adapter_path, ...)")
+    checkpoint = resolve_adapter(adapter, step)
+    folder = Path(adapter) if isinstance(adapter, (str, os.PathLike)) else None
+    run_config = read_run_config(folder) if folder is not None and folder.is_dir() else None
+    spec = None if model_spec is None else str(model_spec)
+    return checkpoint, build_evaluation(checkpoint, spec, data, metric, examples, run_config, placement)
+
+
+def sweep(model: torch.nn.Module | str | os.PathLike | None, adapter: str | os.PathLike | Checkpoint | Series | None,
+          evaluate: Callable[[torch.nn.Module], float] | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
           orders: Sequence[str] = RANK_ORDERS, seeds: int | Sequence[int] = 3, spectral: bool = True,
           progress: bool | None = None, metric: str | None = None, higher_is_better: bool = True,
           step: int | None = None, check_restore: bool = True,
-          energies: Sequence[float] = DEFAULT_ENERGIES) -> SweepResult:
+          energies: Sequence[float] = DEFAULT_ENERGIES, *, data: str | None = None, examples: int | None = None,
+          device: str | None = None, precision: str | None = None, batch_size: int | None = None) -> SweepResult:
     """Prune each module's least / most / random ranks (and spectral directions) at each fraction and evaluate.
+
+    ``model`` is either a loaded model with ``evaluate``, or, as ``rankscope sweep`` does, a base model spec
+    (``"minilm"``, ``"smollm2"``, a folder, a hub id; None: a run folder's own) without ``evaluate``: the base
+    is then loaded on ``device`` (auto, cpu, cuda, mps) in ``precision`` (fp32, bf16, fp16) and evaluated
+    with ``data``, ``metric``, ``examples`` and ``batch_size`` as the command's options. A loaded model stays
+    where it is: ``device``, ``precision`` and ``batch_size`` are refused with it.
 
     ``energies`` adds the compression view: for each share f, every module keeps the fewest singular
     directions holding f of its energy (what ``rankscope resize --energy f`` writes), and each point records
@@ -343,6 +370,18 @@ def sweep(model: torch.nn.Module, adapter: str | os.PathLike | Checkpoint | Seri
     deterministic: the model is put in eval mode, and identical masks (f=0, f=1 for every order)
     are evaluated once. Masking is in place, under no_grad, and every weight is restored bit-exactly.
     """
+    if not isinstance(model, torch.nn.Module):
+        if evaluate is not None:
+            raise RankscopeError("evaluate is given but model is not a loaded model: expected a torch module with "
+                                 "evaluate, or a base model spec without it")
+        adapter, task = _built_task(model, adapter, step, data, metric, examples, device, precision, batch_size)
+        model, evaluate, metric, higher_is_better = task.model, task.evaluate, task.metric, task.higher_is_better
+    elif any(v is not None for v in (device, precision, batch_size, data, examples)):
+        raise RankscopeError("device, precision, batch_size, data and examples apply when rankscope loads the base "
+                             "model: expected a base model spec (e.g. sweep('smollm2', adapter, device='cuda')), or "
+                             "move and cast a loaded model yourself")
+    elif evaluate is None:
+        raise RankscopeError("a loaded model needs evaluate(model) -> float")
     orders = list(dict.fromkeys(list(orders) + (["spectral"] if spectral else [])))
     for order in orders:
         if order not in ORDERS:

@@ -23,6 +23,7 @@ from rankscope.tasks import models, sft
 from rankscope.tasks.classification import classification_metrics, encode_classification
 from rankscope.tasks.data import load_data, open_data_file, split
 from rankscope.tasks.models import head_of
+from rankscope.tasks.placement import Placement
 from rankscope.tasks.runconfig import TASK_DEFAULTS
 from rankscope.tasks.sft_data import load_sft_data, read_jsonl
 
@@ -130,22 +131,34 @@ def default_metric(run_config: dict[str, Any] | None) -> str:
     return "exact_match" if (run_config or {}).get("task") == "sft" else "accuracy"
 
 
-def _with_adapter(base: Any, checkpoint: Checkpoint, model_spec: str) -> Any:
-    """``base`` with the checkpoint's adapter loaded by PEFT, in eval mode."""
+def _with_adapter(base: Any, checkpoint: Checkpoint, model_spec: str, placement: Placement) -> Any:
+    """``base`` with the checkpoint's adapter loaded by PEFT, on the placement's device, in eval mode.
+
+    The base is in the placement's dtype; PEFT keeps the adapter's own weights in float32 on a bf16/fp16
+    base (its ``autocast_adapter_dtype``), as mixed-precision training keeps them.
+    """
     check_fits(base, checkpoint)
     from peft import PeftModel
 
+    base = base.to(placement.device)  # loaded there already (device_map); the LoRA layers are created beside it
     try:
         model = PeftModel.from_pretrained(base, str(checkpoint.path.parent))
     except (ValueError, RuntimeError, KeyError) as e:
         raise RankscopeError(f"the adapter does not load onto {model_spec}: {load_error(e)}") from None
-    return model.eval()
+    return model.to(placement.device).eval()
 
 
 def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str | None, metric: str | None,
-               examples: int | None, run_config: dict[str, Any] | None) -> Evaluation:
-    """Load the base model, put the adapter on it, and choose the evaluation (``metric`` None: the run's own)."""
+               examples: int | None, run_config: dict[str, Any] | None,
+               placement: Placement | None = None) -> Evaluation:
+    """Load the base model, put the adapter on it, and choose the evaluation (``metric`` None: the run's own).
+
+    ``placement`` (from :func:`rankscope.tasks.placement.resolve_placement`): the device and dtype the base
+    model is loaded in and the evaluation batch size; None: the CPU in float32, each metric's own batch size.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    placement = placement or Placement()
+    batch = {} if placement.batch_size is None else {"batch_size": placement.batch_size}
     metric = metric or default_metric(run_config)
     if metric not in METRICS:
         raise RankscopeError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
@@ -157,7 +170,7 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
     if not model_spec:
         raise RankscopeError("no base model: pass --model minilm|smollm2|FOLDER (the adapter's run has no config.json)")
     if run_config.get("task") == "sft" or metric == "exact_match":
-        return _sft_task(checkpoint, model_spec, data, metric, examples, run_config)
+        return _sft_task(checkpoint, model_spec, data, metric, examples, run_config, placement)
     data = data or run_config.get("data") or "rotten-tomatoes"
 
 
@@ -186,15 +199,16 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
     if head == "classification":
         if text_file is not None:
             raise RankscopeError(f"{model_spec} is a classifier: loss/perplexity on a text file need a causal LM")
-        base, tokenizer = models.load_classifier(model_spec, len(labelled.label_names))
+        base, tokenizer = models.load_classifier(model_spec, len(labelled.label_names), dtype=placement.dtype,
+                                                  device=placement.device)
     else:
-        base, tokenizer = models.load_causal_lm(model_spec)
-    model = _with_adapter(base, checkpoint, model_spec)
+        base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype, device=placement.device)
+    model = _with_adapter(base, checkpoint, model_spec, placement)
     max_length = int(run_config.get("max_length", TASK_DEFAULTS["classification"]["max_length"]
                                     if head == "classification" else TEXT_MAX_LENGTH))
 
     if texts is not None:
-        loss = lambda m: causal_lm_loss(m, tokenizer, texts, max_length)  # noqa: E731
+        loss = lambda m: causal_lm_loss(m, tokenizer, texts, max_length, **batch)  # noqa: E731
         evaluate = loss if metric == "loss" else (lambda m: math.exp(loss(m)))
         return Evaluation(model, evaluate, metric, False, f"{metric} on {len(texts)} texts of {text_file}")
     what = f"{len(labelled)} held-out examples of {data}"
@@ -207,18 +221,18 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
         key = "accuracy" if metric == "accuracy" else "loss"
 
         def evaluate(m: Any) -> float:
-            value = classification_metrics(m, encoded, collate)[key]
+            value = classification_metrics(m, encoded, collate, **batch)[key]
             return math.exp(value) if metric == "perplexity" else value
     else:
         if metric != "accuracy":
             raise RankscopeError(f"metric {metric} on labelled data needs a classifier; for a causal LM pass a .txt "
                                  "or .jsonl text file as --data, or use --metric accuracy")
-        evaluate = lambda m: models.causal_accuracy(m, tokenizer, labelled, max_length=max_length)  # noqa: E731
+        evaluate = lambda m: models.causal_accuracy(m, tokenizer, labelled, max_length=max_length, **batch)  # noqa: E731
     return Evaluation(model, evaluate, metric, metric == "accuracy", what)
 
 
 def _sft_task(checkpoint: Checkpoint, model_spec: str, data: str | None, metric: str, examples: int | None,
-              run_config: dict[str, Any]) -> Evaluation:
+              run_config: dict[str, Any], placement: Placement) -> Evaluation:
     """Exact match, or loss / perplexity on the response tokens, of prompt / response examples.
 
     For a ``beamlora train --task sft`` run, the run's own held-out split (same data, size and
@@ -243,16 +257,17 @@ def _sft_task(checkpoint: Checkpoint, model_spec: str, data: str | None, metric:
         held = read_jsonl(data)
         what = f"examples of {data}"
     held = held[: examples or None]
-    base, tokenizer = models.load_causal_lm(model_spec)
-    model = _with_adapter(base, checkpoint, model_spec)
+    base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype, device=placement.device)
+    model = _with_adapter(base, checkpoint, model_spec, placement)
     max_length = int(run_config.get("max_length") or TASK_DEFAULTS["sft"]["max_length"])
+    batch = {} if placement.batch_size is None else {"batch_size": placement.batch_size}
     encoded = sft.encode_all(held, tokenizer, max_length)
     if metric == "exact_match":
         if not sft.answerable(encoded):
             raise RankscopeError(f"{data}: no response ends with a '#### answer' line, so exact match is undefined; "
                                  "expected GSM8K-style answers, or use --metric loss")
-        evaluate = lambda m: sft.exact_match_rate(m, tokenizer, encoded, progress=False)  # noqa: E731
+        evaluate = lambda m: sft.exact_match_rate(m, tokenizer, encoded, progress=False, **batch)  # noqa: E731
         return Evaluation(model, evaluate, metric, True, f"exact match on {len(sft.answerable(encoded))} {what}")
-    loss = lambda m: sft.mean_loss(m, tokenizer, encoded, progress=False)  # noqa: E731
+    loss = lambda m: sft.mean_loss(m, tokenizer, encoded, progress=False, **batch)  # noqa: E731
     evaluate = loss if metric == "loss" else (lambda m: math.exp(min(loss(m), 700.0)))
     return Evaluation(model, evaluate, metric, False, f"{metric} on the responses of {len(encoded)} {what}")

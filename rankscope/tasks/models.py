@@ -173,8 +173,19 @@ def _seeded_init(model: "torch.nn.Module", names: Sequence[str], seed: int, std:
                 p.fill_(1.0)
 
 
-def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> tuple[Any, Any]:
-    """(AutoModelForSequenceClassification, tokenizer) with a ``num_labels`` head drawn from ``seed``."""
+def _dtype_kwargs(dtype: "torch.dtype | None", device: str | None = None) -> dict[str, Any]:
+    # None: transformers' own default; a dtype: the weights are loaded in it (no float32 copy first);
+    # an accelerator: the weights go straight onto it (no copy of the whole model in host memory).
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if device is not None and device != "cpu":
+        kwargs["device_map"] = device
+    return kwargs
+
+
+def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0, dtype: "torch.dtype | None" = None,
+                    device: str | None = None) -> tuple[Any, Any]:
+    """(AutoModelForSequenceClassification, tokenizer) with a ``num_labels`` head drawn from ``seed``, in ``dtype``
+    on ``device`` (None: the CPU)."""
     _offline(spec)
     if num_labels < 2:
         raise RankscopeError(f"num_labels={num_labels}, expected at least 2")
@@ -183,7 +194,7 @@ def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> 
     _require("torch", "pip install -e .")
     try:
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, output_loading_info=True)
+            path, num_labels=num_labels, output_loading_info=True, **_dtype_kwargs(dtype, device))
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a sequence classifier ({str(e).splitlines()[0]})") from None
@@ -227,8 +238,10 @@ def check_causal_lm(spec: str | os.PathLike) -> None:
                             "with a language-model head (…ForCausalLM)")
 
 
-def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None) -> tuple[Any, Any]:
-    """(AutoModelForCausalLM in fp32, tokenizer) for ``"smollm2"``, a local folder or a hub id.
+def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None, dtype: "torch.dtype | None" = None,
+                   device: str | None = None) -> tuple[Any, Any]:
+    """(AutoModelForCausalLM, tokenizer) for ``"smollm2"``, a local folder or a hub id, in ``dtype`` (None: as
+    saved) on ``device`` (None: the CPU).
 
     A model whose language-model head is not in its weights (it would be random) is refused.
     """
@@ -236,7 +249,8 @@ def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None) -> tuple[Any,
     path = model_path(spec)
     transformers = _require("transformers", "pip install -e .")
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                                        **_dtype_kwargs(dtype, device))
     except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     head = model.get_output_embeddings()

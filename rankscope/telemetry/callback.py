@@ -26,6 +26,7 @@ from transformers.integrations import TensorBoardCallback, get_reporting_integra
 from transformers.integrations.integration_utils import default_logdir
 
 from rankscope.errors import RankscopeError
+from rankscope.telemetry.allocation import STALE_SCALAR, AllocationWatch
 from rankscope.telemetry.monitor import RankMonitor
 
 _NOT_REPORTED = ("eval_", "test_", "predict_")  # logs of evaluations: the rank scalars go with training logs
@@ -39,6 +40,11 @@ class RankMonitorCallback(TrainerCallback):
     top-10% share, k95 / r and stable rank / r (and BeamLoRA's ranks operated) go into the
     Trainer's next training log: TensorBoard, W&B, MLflow, the console and ``state.log_history``.
     Only the main process records. ``monitor_options`` go to :class:`RankMonitor`.
+
+    An AdaLoRA or BeamLoRA model whose allocation has not changed by the step where it should have
+    (AdaLoRA's first mask, at most ``tinit + deltaT``; BeamLoRA's first operation, Δt) gets one warning
+    line naming the likely cause, through the monitor's ``log``, and ``rank/allocation_stale`` = 1 in
+    the next training log (:mod:`rankscope.telemetry.allocation`).
     """
 
     def __init__(self, every: int = 10, output_dir: str | os.PathLike | None = None, **monitor_options: Any):
@@ -49,23 +55,38 @@ class RankMonitorCallback(TrainerCallback):
         self.monitor_options = monitor_options
         self.monitor: RankMonitor | None = None
         self._reporters: list[TrainerCallback] | None = None  # our own instances of args.report_to's callbacks
+        self.allocation = AllocationWatch()
+        self._stale_pending = False  # the warning was given; its scalar goes with the next training log
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
             self.monitor = RankMonitor(self.output_dir if self.output_dir is not None else args.output_dir,
                                        **self.monitor_options)
+        if model is not None:
+            self.allocation.start(model, state.global_step)
 
     def _record(self, state, model) -> None:
         if self.monitor is None or self.monitor.last_step == state.global_step or model is None:
             return
         self.monitor.record(model, state.global_step, main_process=state.is_world_process_zero)
 
+    def _check_allocation(self, state, model, final: bool = False) -> None:
+        if not state.is_world_process_zero or self.allocation.warned:
+            return
+        message = self.allocation.check(model, state.global_step, final)
+        if message is not None:
+            self._stale_pending = True
+            if self.monitor is not None:  # created at on_train_begin
+                self.monitor.log(message)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step >= state.max_steps:
             self._record(state, model)
+        self._check_allocation(state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._record(state, model)  # a run stopped early: its last state too
+        self._check_allocation(state, model, final=True)
         for reporter in self._reporters or []:
             writer = getattr(reporter, "tb_writer", None)
             if writer is not None:
@@ -74,7 +95,10 @@ class RankMonitorCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is None or not isinstance(logs, dict) or any(k.startswith(_NOT_REPORTED) for k in logs):
             return
-        scalars = self.monitor.take_pending()
+        scalars = self.monitor.take_pending() or {}
+        if self._stale_pending:
+            scalars[STALE_SCALAR] = 1.0
+            self._stale_pending = False
         if not scalars:
             return
         # Trainer.log appended a copy of ``logs`` (with the step) to log_history just before this event.
