@@ -145,6 +145,9 @@ def _with_adapter(base: Any, checkpoint: Checkpoint, model_spec: str) -> Any:
 def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str | None, metric: str | None,
                examples: int | None, run_config: dict[str, Any] | None) -> Evaluation:
     """Load the base model, put the adapter on it, and choose the evaluation (``metric`` None: the run's own)."""
+    hub_model = model_spec or (run_config or {}).get("model")
+    if hub_model and models.is_hub_id(hub_model):
+        models.model_path(hub_model)  # a hub id: fetched (or found in the cache) now, before the rest runs offline
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     metric = metric or default_metric(run_config)
     if metric not in METRICS:
