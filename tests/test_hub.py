@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers.adapters import adapter_arrays, write_adapter
 from helpers.cli import REPO, run_cli
+from helpers.fake_hub import FakeHub
 from helpers.hub_cache import add_commit, folder_files
 
 from rankscope.errors import RankscopeError
@@ -20,6 +21,7 @@ from rankscope.io.hub import HubSpec, adapter_files, model_files, parse_spec
 
 ADAPTER = "alice/lora-demo"
 BASE = "bob/base-model"
+BASE_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
 
 def _one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -43,7 +45,7 @@ def hub(tmp_path_factory):
                                        "config.json": b"{}", "model.safetensors": local["C"] / "adapter_model.safetensors",
                                        "README.md": b"# demo"})
     v2 = add_commit(cache, ADAPTER, folder_files(local["C"]), refs=("v2",))
-    base = add_commit(cache, BASE, {"config.json": json.dumps({"model_type": "bert"}).encode(),
+    base = add_commit(cache, BASE, {"config.json": json.dumps(BASE_CONFIG).encode(),
                              "model.safetensors": local["A"] / "adapter_model.safetensors"})
     env = {"HF_HUB_CACHE": str(cache), "HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1"}
     return {"root": root, "cache": cache, "local": local, "main": main, "v2": v2, "base": base, "env": env}
@@ -87,6 +89,7 @@ out["revision v2"] = analysis(adapter, "v2")
 out["load"] = [str(rankscope.load(adapter, revision="v2").path), str(rankscope.discover(adapter + "/sub/inner").weights)]
 out["suggest C"] = json.loads(to_json(suggest(f"{local}/C")))["modules"]
 out["model"] = str(models.model_path(base))
+out["head"] = models.head_of(base)  # sweep --model and beamlora train --model: a causal LM, read from the cached config
 out["is_hub_id"] = [models.is_hub_id(base + "@main/x"), models.is_hub_id(local)]
 out["errors"] = [error(adapter + "@no-such-tag"), error(adapter + "/sub")]
 print(json.dumps(out))
@@ -111,9 +114,9 @@ def test_the_api_reads_ids_revisions_and_subfolders_as_the_local_folders(hub, ap
     snapshots = hub["cache"] / "models--alice--lora-demo" / "snapshots"
     assert api["load"] == [str(snapshots / hub["v2"] / "adapter_model.safetensors"),
                            str(snapshots / hub["main"] / "sub" / "inner" / "adapter_model.safetensors")]
-    assert Path(api["model"], "config.json").read_text() == json.dumps({"model_type": "bert"})
+    assert Path(api["model"], "config.json").read_text() == json.dumps(BASE_CONFIG)
     assert api["model"] == str(hub["cache"] / "models--bob--base-model" / "snapshots" / hub["base"])
-    assert api["is_hub_id"] == [True, False]
+    assert api["head"] == "causal" and api["is_hub_id"] == [True, False]
     not_cached, no_adapter = api["errors"]
     assert "alice/lora-demo@no-such-tag" in not_cached and "not in the Hugging Face cache" in not_cached
     assert "holds no LoRA adapter at 'sub' (inner/)" in no_adapter
@@ -155,6 +158,69 @@ def test_bad_ids_are_one_error_line_and_write_nothing(hub, tmp_path):
     survey = run_cli("analyze", ADAPTER, "carol/not-cached", "--table", "-", env=env)
     assert survey.returncode == 0, survey.stderr
     assert "not in the Hugging Face cache" in survey.stdout and "2 adapters, 1 analysed, 1 with an error" in survey.stderr
+
+
+# ----------------------------------------------------------------------------- online, against a stand-in Hub
+
+_ONLINE_SCRIPT = """
+import json
+from rankscope.errors import RankscopeError
+from rankscope.io.hub import resolve_local
+from rankscope.tasks import models
+def error(spec):
+    try:
+        resolve_local(spec)
+    except RankscopeError as e:
+        return str(e)
+print(json.dumps([str(models.model_path("bob/model")), error("zed/none"), error("alice/online@nope/lora"),
+                  error("alice/online")]))
+"""
+
+
+def test_online_only_the_adapters_files_are_fetched_then_read_offline(tmp_path):
+    local = write_adapter(tmp_path / "A", adapter_arrays(0.6, 1))
+    step = write_adapter(tmp_path / "B", adapter_arrays(0.9, 2))
+    weights, config = (local / "adapter_model.safetensors").read_bytes(), (local / "adapter_config.json").read_bytes()
+    state = json.dumps({"global_step": 100, "log_history": []}).encode()
+    adapter_repo = {"README.md": b"# demo", "config.json": b"{}", "model.safetensors": b"base weights " * 100,
+                    "lora/adapter_config.json": config, "lora/adapter_model.safetensors": weights,
+                    "lora/optimizer.pt": b"optimizer state", "lora/checkpoint-100/adapter_config.json": config,
+                    "lora/checkpoint-100/adapter_model.safetensors": (step / "adapter_model.safetensors").read_bytes(),
+                    "lora/checkpoint-100/trainer_state.json": state, "lora/checkpoint-100/optimizer.pt": b"opt"}
+    model_repo = {name: name.encode() for name in ("config.json", "tokenizer.json", "model.safetensors", "pytorch_model.bin",
+                                                   "model-Q4_K_M.gguf", "onnx/model.onnx", "original/consolidated.00.pth")}
+    fake = FakeHub({"alice/online": {"commit": "a" * 40, "files": adapter_repo},
+                    "bob/model": {"commit": "b" * 40, "files": model_repo}})
+    cache = tmp_path / "cache"
+    env = {"HF_ENDPOINT": fake.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"),
+           "HF_TOKEN": "hf_stand_in_token", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    try:
+        online = run_cli("analyze", "alice/online/lora", "--json", "-", env=env)
+        assert online.returncode == 0, online.stderr
+        wanted = sorted(p for p in adapter_repo if p.startswith("lora/") and "optimizer" not in p)
+        snapshot = cache / "models--alice--online" / "snapshots" / ("a" * 40)
+        assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) == wanted
+        # a blob already fetched (the two identical adapter_config.json) is not sent twice; nothing else is sent
+        assert set(fake.downloaded) <= {"alice/online/" + p for p in wanted} and "alice/online/" + wanted[-1] in fake.downloaded
+        assert fake.authorization == {"Bearer hf_stand_in_token"}
+        result = subprocess.run([sys.executable, "-c", _ONLINE_SCRIPT], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **env, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr
+        model, no_repo, no_revision, no_adapter = json.loads(result.stdout)
+    finally:
+        fake.close()
+    assert model == str(cache / "models--bob--model" / "snapshots" / ("b" * 40))
+    assert sorted(p for p in fake.downloaded if p.startswith("bob/")) == [
+        "bob/model/config.json", "bob/model/model.safetensors", "bob/model/tokenizer.json"]
+    assert "zed/none does not exist here" in no_repo and "is not on the Hugging Face Hub" in no_repo
+    assert "alice/online has no revision 'nope'" in no_revision
+    assert "alice/online holds no LoRA adapter at its root (README.md, config.json, lora/, model.safetensors)" in no_adapter
+    document = json.loads(online.stdout)
+    assert document["layout"] == "hf-trainer" and [s["step"] for s in document["snapshots"]] == [100]
+
+    offline = run_cli("analyze", "alice/online/lora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout) == document  # the same files, now from the cache alone
 
 
 # ----------------------------------------------------------------------------- which files are fetched

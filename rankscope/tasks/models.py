@@ -335,13 +335,14 @@ def causal_accuracy(model: Any, tokenizer: Any, dataset: "TextDataset", batch_si
 
 
 def head_of(model_spec: str) -> str:
-    """Causal LM for SmolLM2 and local *ForCausalLM folders, sequence classification otherwise."""
+    """Causal LM for SmolLM2 and *ForCausalLM folders (or hub ids), sequence classification otherwise."""
     name = str(model_spec).strip().lower()
     if name == "smollm2":
         return "causal"
     if name == "minilm":
         return "classification"
-    config = Path(model_spec).expanduser() / "config.json"
+    folder = model_path(model_spec) if is_hub_id(model_spec) else Path(model_spec).expanduser()  # a hub id: its cache
+    config = Path(folder) / "config.json"
     try:
         if not config.is_file():  # a FIFO would block the read; model_path() refuses it by name
             return "classification"
