@@ -158,12 +158,13 @@ def _hub_paths(*names: str, tolerant: bool = False):
     def decorate(command):
         @functools.wraps(command)
         def wrapper(*args, revision: str | None = None, **kwargs):
+            typed = click.get_current_context().meta.setdefault(_TYPED, {})
             for name in names:
                 value = kwargs.get(name)
-                if isinstance(value, tuple):
-                    kwargs[name] = tuple(_resolved(v, revision, tolerant and len(value) > 1) for v in value)
-                elif value is not None:
-                    kwargs[name] = resolve_local(value, revision)
+                values = value if isinstance(value, tuple) else () if value is None else (value,)
+                found = tuple(_resolved(v, revision, tolerant and len(values) > 1) for v in values)
+                typed.update({str(after): str(before) for before, after in zip(values, found) if after != before})
+                kwargs[name] = found if isinstance(value, tuple) else found[0] if found else None
             return command(*args, **kwargs)
 
         return click.option("--revision", metavar="REV",
@@ -172,7 +173,11 @@ def _hub_paths(*names: str, tolerant: bool = False):
     return decorate
 
 
+_TYPED = "rankscope.typed_paths"  # click context meta: {resolved path: the path or repo id as typed}
+
+
 def _resolved(value: Path, revision: str | None, tolerant: bool) -> Path:
+    """``value`` resolved (:func:`resolve_local`); ``tolerant``: one that fails is returned as it is."""
     try:
         return resolve_local(value, revision)
     except RankscopeError:
@@ -312,6 +317,9 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
     if names is not None and len(names) != len(paths):
         raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
     loaded = [load_run_for_compare(p) for p in paths]
+    typed = click.get_current_context().meta.get(_TYPED, {})
+    for (document, _), path in zip(loaded, paths):  # a repo id is named as typed, not by its commit's cache folder
+        document["path"] = typed.get(str(path), document.get("path"))
     result = compare_runs([doc for doc, _ in loaded], names, [sweep for _, sweep in loaded])
     lines = compare_lines(result)
     if out_dir is not None:

@@ -131,6 +131,9 @@ def test_commands_take_ids_and_give_the_local_folders_numbers(hub, api, tmp_path
     suggested = run_cli("suggest", f"{ADAPTER}@v2", "--json", "-", env=env)
     assert suggested.returncode == 0, suggested.stderr
     assert _strip(json.loads(suggested.stdout)["modules"]) == api["suggest C"]
+    compared = run_cli("compare", ADAPTER, f"{ADAPTER}/sub/inner", "--json", "-", env=env)
+    assert compared.returncode == 0, compared.stderr
+    assert [run["label"] for run in json.loads(compared.stdout)["runs"]] == ["lora-demo", "inner"]  # as typed
     out = tmp_path / "resized"
     resized = run_cli("resize", f"{ADAPTER}/sub/inner", "--rank", "2", "--out", out, env=env)
     assert resized.returncode == 0, resized.stderr
