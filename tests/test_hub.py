@@ -243,6 +243,7 @@ LISTING = [
     "lora/checkpoint-100/tokenizer.json", "lora/runs/events.out.tfevents",
     "kohya/my_style.safetensors", "kohya/my_style-000004.safetensors", "kohya/sample/img.png",
     "unet/diffusion_pytorch_model.safetensors",
+    "mlx/adapter_config.json", "mlx/adapters.safetensors", "mlx/0000100_adapters.safetensors",
 ]
 
 
@@ -257,6 +258,8 @@ def test_adapter_files_never_include_a_base_models_weights():
     assert adapter_files(LISTING, "lora/checkpoint-100/adapter_model.safetensors") == [
         "lora/checkpoint-100/adapter_model.safetensors", "lora/checkpoint-100/adapter_config.json",
         "lora/checkpoint-100/trainer_state.json"]
+    assert adapter_files(LISTING, "mlx") == ["mlx/adapters.safetensors", "mlx/0000100_adapters.safetensors",
+                                             "mlx/adapter_config.json"]
     assert adapter_files(LISTING, "unet") == [] and adapter_files(LISTING, "onnx") == []
     assert adapter_files(LISTING, "nowhere") == []
 

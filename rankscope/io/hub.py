@@ -41,6 +41,7 @@ _ADAPTER_SIDECARS = (ADAPTER_CONFIG, SCORES_FILE, TRAINER_STATE)
 _RUN_FILES = (RUN_CONFIG, TRACE_FILE, EVENTS_FILE)
 # Snapshot folders of a run, as rankscope.io.loading names them (checkpoint-N, step-N, global_stepN), and its final/.
 _SNAPSHOT_FOLDER = re.compile(r"(?:checkpoint-|(?:global_)?step[-_]?)\d+|final")
+_MLX_SNAPSHOT = re.compile(r"\d+_adapters\.(?:safetensors|npz)")  # mlx-lm's 0000100_adapters.safetensors
 _TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 # A base model's weights, by the names transformers, diffusers and the original releases give them: never an adapter.
 _BASE_WEIGHTS = re.compile(r"(?:model|pytorch_model|diffusion_pytorch_model|tf_model|flax_model|consolidated|"
@@ -120,8 +121,8 @@ def _adapter_weights(names: list[str]) -> list[str]:
     is no base model's and no training state (a ``.gguf`` only when its name says lora or adapter)."""
     present = set(names)
     for known in ADAPTER_WEIGHT_NAMES:
-        if known in present:
-            return [known]
+        if known in present:  # with mlx-lm's snapshots beside its adapters.safetensors, if any
+            return [known] + [n for n in names if _MLX_SNAPSHOT.fullmatch(n)]
     return [n for n in names
             if n.lower().endswith(_TENSOR_SUFFIXES) and n not in NOT_ADAPTER_FILES and not n.startswith(".")
             and not _BASE_WEIGHTS.fullmatch(n)
