@@ -176,6 +176,11 @@ def _hub_paths(*names: str, tolerant: bool = False):
 _TYPED = "rankscope.typed_paths"  # click context meta: {resolved path: the path or repo id as typed}
 
 
+def _typed(path: Path) -> Path:
+    """``path`` as the user typed it: the repo id for a folder in the Hub cache, else ``path`` itself."""
+    return Path(click.get_current_context().meta.get(_TYPED, {}).get(str(path), path))
+
+
 def _resolved(value: Path, revision: str | None, tolerant: bool) -> Path:
     """``value`` resolved (:func:`resolve_local`); ``tolerant``: one that fails is returned as it is."""
     try:
@@ -317,9 +322,8 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
     if names is not None and len(names) != len(paths):
         raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
     loaded = [load_run_for_compare(p) for p in paths]
-    typed = click.get_current_context().meta.get(_TYPED, {})
     for (document, _), path in zip(loaded, paths):  # a repo id is named as typed, not by its commit's cache folder
-        document["path"] = typed.get(str(path), document.get("path"))
+        document["path"] = str(_typed(path)) if _typed(path) != path else document.get("path")
     result = compare_runs([doc for doc, _ in loaded], names, [sweep for _, sweep in loaded])
     lines = compare_lines(result)
     if out_dir is not None:
@@ -481,7 +485,7 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str |
     task = build_evaluation(checkpoint, model_spec, data, metric, examples, run_config)
     result = run_sweep(task.model, checkpoint, task.evaluate, fractions=fraction_list, orders=order_list, seeds=seeds, spectral=spectral,
                        energies=energy_list, progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
-    paths = write_sweep(result, out_dir, title=f"{adapter.name}: {task.description}")
+    paths = write_sweep(result, out_dir, title=f"{_typed(adapter).name}: {task.description}")
     lines = [f"sweep: {checkpoint.path.parent} on {task.description}", f"  {result.summary_line()}"]
     lines += [f"  note           {note}" for note in result.notes] + _written(paths)
     _finish(lines, result.to_json() if json_target else None, json_target)
