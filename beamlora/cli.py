@@ -37,7 +37,7 @@ def _task_default(name: str) -> str:
               help="classification (a label per text) or sft (instruction tuning of a causal LM: loss on the "
                    "response, exact match of the final answer).")
 @click.option("--model", help="minilm (sequence classification), smollm2 (causal LM), a local folder or a hub id "
-                              "(owner/name, where there is network). " + _task_default("model"))
+                              "(owner/name[@rev][/subfolder]: fetched into, or offline read from, the Hugging Face cache). " + _task_default("model"))
 @click.option("--data", help="classification: rotten-tomatoes or a .csv/.jsonl with text and label columns; sft: "
                              "arithmetic (built in) or a .jsonl of {\"prompt\", \"response\"} or {\"messages\": [...]} "
                              "lines. " + _task_default("data"))

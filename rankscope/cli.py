@@ -8,6 +8,7 @@ ends in one line ``Error: ...`` on stderr and exit status 2, never a traceback. 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -22,6 +23,7 @@ from rankscope.adapters.resize import resize as resize_adapter
 from rankscope.errors import RankscopeError
 from rankscope.io.atomic import check_file_target, check_out, write_to_path
 from rankscope.io.documents import to_json
+from rankscope.io.hub import resolve_local
 from rankscope.io.loading import resolve_adapter
 from rankscope.maths.analysis import MAX_TRACE_RECORDS, analyze_or_read
 from rankscope.maths.analysis import analyze as analyze_path
@@ -114,7 +116,9 @@ def cli() -> None:
     """See how unequal the ranks of a LoRA adapter are, and what to do about it.
 
     Reads PEFT adapters (and HF Trainer checkpoint-N series), kohya, diffusers, mlx-lm and
-    torchtune files, and BeamLoRA runs. Start with: rankscope analyze PATH --out report/
+    torchtune files, and BeamLoRA runs; a PATH may also be a Hugging Face repo id
+    (owner/name[@rev][/subfolder], only the adapter's files are fetched). Start with:
+    rankscope analyze PATH --out report/
     """
 
 def _echo(lines: list[str]) -> None:
@@ -148,6 +152,46 @@ def _check_model(spec: str | None) -> None:
                              "a Hugging Face hub id (owner/name)")
 
 
+def _hub_paths(*names: str, tolerant: bool = False):
+    """Add ``--revision`` and resolve the named path arguments first: a Hugging Face repo id (``owner/name[@rev]
+    [/sub/folder]``) becomes its folder in the Hub cache, with only the adapter's own files fetched; a local path stays
+    as it is. ``tolerant``: of several paths (a survey), one that fails is left for the command to report as its row."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, revision: str | None = None, **kwargs):
+            typed = click.get_current_context().meta.setdefault(_TYPED, {})
+            for name in names:
+                value = kwargs.get(name)
+                values = value if isinstance(value, tuple) else () if value is None else (value,)
+                found = tuple(_resolved(v, revision, tolerant and len(values) > 1) for v in values)
+                typed.update({str(after): str(before) for before, after in zip(values, found) if after != before})
+                kwargs[name] = found if isinstance(value, tuple) else found[0] if found else None
+            return command(*args, **kwargs)
+
+        return click.option("--revision", metavar="REV",
+                            help="For a Hugging Face repo id (owner/name): the branch, tag or commit to read "
+                                 "(default: main; owner/name@REV says the same).")(wrapper)
+    return decorate
+
+
+_TYPED = "rankscope.typed_paths"  # click context meta: {resolved path: the path or repo id as typed}
+
+
+def _typed(path: Path) -> Path:
+    """``path`` as the user typed it: the repo id for a folder in the Hub cache, else ``path`` itself."""
+    return Path(click.get_current_context().meta.get(_TYPED, {}).get(str(path), path))
+
+
+def _resolved(value: Path, revision: str | None, tolerant: bool) -> Path:
+    """``value`` resolved (:func:`resolve_local`); ``tolerant``: one that fails is returned as it is."""
+    try:
+        return resolve_local(value, revision)
+    except RankscopeError:
+        if tolerant and revision is None:  # read again by the survey, which makes the error its row
+            return value
+        raise
+
+
 def _written(paths: list[Path]) -> list[str]:
     kinds = {".html": "report", ".json": "json", ".csv": "csv"}
     return [f"  {kinds.get(p.suffix, 'plot'):<15}{p}" for p in paths]
@@ -169,6 +213,7 @@ def _written(paths: list[Path]) -> list[str]:
               help="Survey several adapters (PATH ...): one row each (format, modules, ranks, medians of both views, "
                    "verdict, or the error that stopped it) to FILE.csv, FILE.parquet (with pyarrow), or - (CSV on stdout).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
+@_hub_paths("paths", tolerant=True)
 def analyze(paths: tuple[Path, ...], out_dir: Path | None, json_target: str | None, format_: str | None,
             spectrum: bool, module: str | None, all_records: bool, table_target: str | None,
             progress: bool | None) -> None:
@@ -233,6 +278,7 @@ def _survey(paths: tuple[Path, ...], target: str, format_: str | None, spectrum:
 @click.option("--all-records", is_flag=True,
               help=f"A rank trace longer than {MAX_TRACE_RECORDS} records: analyse every record, not an even subsample.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
+@_hub_paths("run_dir")
 def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, out_dir: Path | None,
               all_records: bool, progress: bool | None) -> None:
     """p_init and Δt for a longer BeamLoRA run, from a short run's snapshots.
@@ -260,6 +306,7 @@ def recommend(run_dir: Path, total_steps: int | None, json_target: str | None, o
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for compare.json, overlaid plots and report.html.")
 @click.option("--json", "json_target", metavar="FILE|-", help="Write the comparison as JSON to FILE, or to stdout with '-'.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over snapshots (default: when stderr is a terminal).")
+@_hub_paths("paths")
 def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, json_target: str | None,
             progress: bool | None) -> None:
     """Compare how evenly two or more runs spread importance over their ranks.
@@ -276,6 +323,8 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
     if names is not None and len(names) != len(paths):
         raise RankscopeError(f"--labels has {len(names)} names for {len(paths)} paths: expected one name per path")
     loaded = [load_run_for_compare(p) for p in paths]
+    for (document, _), path in zip(loaded, paths):  # a repo id is named as typed, not by its commit's cache folder
+        document["path"] = str(_typed(path)) if _typed(path) != path else document.get("path")
     result = compare_runs([doc for doc, _ in loaded], names, [sweep for _, sweep in loaded])
     lines = compare_lines(result)
     if out_dir is not None:
@@ -291,6 +340,7 @@ def compare(paths: tuple[Path, ...], labels: str | None, out_dir: Path | None, j
 @click.option("--format", "format_", type=click.Choice(FORMAT_CHOICES), help="Force the checkpoint format instead of detecting it.")
 @click.option("--step", type=int, help="For a run folder: the snapshot at this step instead of the final adapter.")
 @click.option("--json", "json_target", metavar="FILE|-", help="Write the suggestion as JSON to FILE, or to stdout with '-'.")
+@_hub_paths("path")
 def suggest(path: Path, energy: float, format_: str | None, step: int | None, json_target: str | None) -> None:
     """Suggest a rank per module and a global r from the spectrum of each update.
 
@@ -343,13 +393,15 @@ def _placement_options(prefix: str = ""):
 @click.option("--validate", is_flag=True,
               help="Evaluate the original and the resized adapter on the same examples (PEFT adapters; the task "
                    "options below, or a beamlora train run's own model, data and held-out split).")
-@click.option("--model", "model_spec", help="--validate: base model, minilm, smollm2 or a local folder (default: the run's own).")
+@click.option("--model", "model_spec", help="--validate: base model, minilm, smollm2, a local folder or a Hugging Face repo id "
+                   "(default: the run's own).")
 @click.option("--data", help="--validate: rotten-tomatoes, a .csv/.jsonl with text and label, or a text file for loss.")
 @click.option("--metric", type=click.Choice(["accuracy", "exact_match", "loss", "perplexity"]),
               help="--validate: the metric to compare (default: the run's own; accuracy otherwise).")
 @click.option("--examples", type=click.IntRange(min=1), help="--validate: only the first N held-out examples.")
 @_placement_options("--validate: ")
 @click.option("--json", "json_target", metavar="FILE|-", help="Write the per-module table as JSON to FILE, or to stdout with '-'.")
+@_hub_paths("path")
 def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, max_error: float | None, module_min: int,
            dtype: str, step: int | None, format_: str | None, overwrite: bool, validate: bool, model_spec: str | None,
            data: str | None, metric: str | None, examples: int | None, device: str, precision: str,
@@ -402,7 +454,8 @@ def _fractions(text: str) -> list[float]:
 
 @cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--model", "model_spec", help="Base model: minilm, smollm2 or a local folder (default: the run's own).")
+@click.option("--model", "model_spec", help="Base model: minilm, smollm2, a local folder or a Hugging Face repo id "
+                                            "(owner/name[@rev][/subfolder]) (default: the run's own).")
 @click.option("--data", help="rotten-tomatoes, a .csv/.jsonl with text and label, or a .txt/.jsonl text file for loss "
                              "(default: the run's own data and held-out split).")
 @click.option("--metric", type=click.Choice(["accuracy", "exact_match", "loss", "perplexity"]),
@@ -427,6 +480,7 @@ def _fractions(text: str) -> list[float]:
               help="Folder for sweep.json, sweep.csv and sweep.png.")
 @click.option("--json", "json_target", metavar="FILE|-", help="Also write the sweep JSON to FILE, or to stdout with '-'.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar over points (default: when stderr is a terminal).")
+@_hub_paths("adapter")
 def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str | None, fractions: str, orders: str,
           spectral: bool, energies: str, seeds: int, step: int | None, examples: int | None, device: str,
           precision: str, batch_size: int | None, out_dir: Path, json_target: str | None,
@@ -457,7 +511,7 @@ def sweep(adapter: Path, model_spec: str | None, data: str | None, metric: str |
     task = build_evaluation(checkpoint, model_spec, data, metric, examples, run_config, placement)
     result = run_sweep(task.model, checkpoint, task.evaluate, fractions=fraction_list, orders=order_list, seeds=seeds, spectral=spectral,
                        energies=energy_list, progress=progress, metric=task.metric, higher_is_better=task.higher_is_better)
-    paths = write_sweep(result, out_dir, title=f"{adapter.name}: {task.description}")
+    paths = write_sweep(result, out_dir, title=f"{_typed(adapter).name}: {task.description}")
     lines = [f"sweep: {checkpoint.path.parent} on {task.description} ({placement.describe()})",
              f"  {result.summary_line()}"]
     lines += [f"  note           {note}" for note in result.notes] + _written(paths)

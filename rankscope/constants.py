@@ -7,6 +7,11 @@ beamlora writes these files and rankscope reads them; neither spells a name out 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's LoraConfig beside the weights
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in a checkpoint-N folder
 SCORES_FILE = "beamlora_scores.safetensors"  # BeamLoRA's raw rank scores, beside a snapshot's adapter
+# Adapter weight files by the name each tool gives them, most specific first.
+ADAPTER_WEIGHT_NAMES = (
+    "adapter_model.safetensors", "adapters.safetensors", "pytorch_lora_weights.safetensors",
+    "adapter_model.bin", "adapter_model.pt", "pytorch_lora_weights.bin",
+)
 
 # ----------------------------------------------------------------------------- every folder this project writes
 MANIFEST_FILE = ".rankscope-manifest.json"  # what kind of output, and its files: only such a folder is replaced
@@ -18,6 +23,10 @@ EVENTS_FILE = "events.jsonl"  # one line per BeamLoRA operation
 TRACE_FILE = "rank_trace.jsonl"  # rank telemetry, one record per traced step
 STATE_FILE = "beamlora_state.pt"  # the BeamLoRA controller's state inside a checkpoint
 GENERATIONS_FILE = "generations.jsonl"  # sft: the held-out generations at the end
+# Files in training folders that are tensors but never adapters.
+NOT_ADAPTER_FILES = frozenset({
+    SCORES_FILE, "optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth", "scaler.pt", STATE_FILE,
+})
 
 # ----------------------------------------------------------------------------- JSON documents
 ANALYSIS_SCHEMA = "rankscope/analysis-v1"

@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from rankscope.constants import ADAPTER_CONFIG, EVENTS_FILE, SCORES_FILE, STATE_FILE, TRAINER_STATE
+from rankscope.constants import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHT_NAMES,
+    EVENTS_FILE,
+    NOT_ADAPTER_FILES,
+    SCORES_FILE,
+    TRAINER_STATE,
+)
 from rankscope.errors import RankscopeError
 from rankscope.io.formats import LoraModule, parse_checkpoint, per_rank_vector
+from rankscope.io.hub import resolve_local
 from rankscope.io.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
 from rankscope.io.trace import find_trace, is_trace_file
 from rankscope.io.validate import (
@@ -29,16 +37,8 @@ from rankscope.io.validate import (
 )
 from rankscope.io.validate import read_json as _read_json
 
-# Weight files by the name each tool gives them, most specific first.
-_WEIGHT_NAMES = (
-    "adapter_model.safetensors", "adapters.safetensors", "pytorch_lora_weights.safetensors",
-    "adapter_model.bin", "adapter_model.pt", "pytorch_lora_weights.bin",
-)
-# Files in training folders that are tensors but never adapters.
-_NOT_ADAPTERS = {
-    SCORES_FILE, "optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth",
-    "scaler.pt", STATE_FILE,
-}
+_WEIGHT_NAMES = ADAPTER_WEIGHT_NAMES
+_NOT_ADAPTERS = NOT_ADAPTER_FILES
 _STEP_PATTERNS = (
     re.compile(r"^checkpoint-(\d+)$"),
     re.compile(r"^(?:global_)?step[-_]?(\d+)$"),
@@ -259,9 +259,13 @@ def _snapshot_in_folder(folder: Path, format: str | None) -> SnapshotRef | None:
     return SnapshotRef(weights, step, format)
 
 
-def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef | Series:
-    """Say what ``path`` holds without reading any tensor: one checkpoint or a series of them."""
-    path = Path(path)
+def discover(path: str | os.PathLike, format: str | None = None, revision: str | None = None) -> SnapshotRef | Series:
+    """Say what ``path`` holds without reading any tensor: one checkpoint or a series of them.
+
+    ``path`` may be a Hugging Face repo id (``owner/name[@rev][/sub/folder]``, ``revision`` where it names none):
+    the adapter's own files are fetched into (or found in) the Hub cache. A local path always wins.
+    """
+    path = resolve_local(path, revision)
     problem = _unreadable(path)
     if problem:
         raise RankscopeError(f"{problem}: expected a LoRA checkpoint file, an adapter folder or a run folder")
@@ -313,12 +317,13 @@ def discover(path: str | os.PathLike, format: str | None = None) -> SnapshotRef 
     )
 
 
-def load(path: str | os.PathLike, format: str | None = None) -> Checkpoint | Series:
+def load(path: str | os.PathLike, format: str | None = None, revision: str | None = None) -> Checkpoint | Series:
     """Load a LoRA checkpoint, or describe a run folder as a :class:`Series` of snapshots.
 
-    ``format`` forces one of ``rankscope.formats.FORMATS`` instead of detecting it.
+    ``format`` forces one of ``rankscope.formats.FORMATS`` instead of detecting it. ``path`` may be a Hugging Face
+    repo id (``owner/name[@rev][/sub/folder]``, ``revision`` where it names none): see :func:`discover`.
     """
-    found = discover(path, format)
+    found = discover(path, format, revision)
     return found.load() if isinstance(found, SnapshotRef) else found
 
 

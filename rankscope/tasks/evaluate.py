@@ -156,6 +156,9 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
     ``placement`` (from :func:`rankscope.tasks.placement.resolve_placement`): the device and dtype the base
     model is loaded in and the evaluation batch size; None: the CPU in float32, each metric's own batch size.
     """
+    hub_model = model_spec or (run_config or {}).get("model")
+    if hub_model and models.is_hub_id(hub_model):
+        models.model_path(hub_model)  # a hub id: fetched (or found in the cache) now, before the rest runs offline
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     placement = placement or Placement()
     batch = {} if placement.batch_size is None else {"batch_size": placement.batch_size}

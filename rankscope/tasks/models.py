@@ -13,13 +13,13 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rankscope.errors import RankscopeError
+from rankscope.io.hub import MODEL, is_hub_spec, resolve_local
 from rankscope.io.validate import open_regular
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _PROMPT = "Review: {text}\nSentiment:"
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What a causal LM's class name ends with in config.json's "architectures" (its trained head).
 _CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -138,16 +137,20 @@ def model_path(spec: str | os.PathLike) -> Path | str:
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         if is_hub_id(spec):
-            return str(spec).strip()  # from_pretrained fetches it (or finds it in the Hugging Face cache)
+            # the model's files fetched into (or found in) the Hugging Face cache; from_pretrained then reads a folder
+            path = resolve_local(str(spec).strip(), None, MODEL)
+            if not (path / "config.json").is_file():
+                raise RankscopeError(f"model {str(spec).strip()}: the repo has no config.json there, expected a "
+                                     "transformers model (name its subfolder as owner/name/sub/folder)")
+            return path
         raise RankscopeError(f"model {str(spec)!r}: not {MINILM!r}, {SMOLLM2!r}, a folder with config.json "
-                            "or a Hugging Face hub id (owner/name)")
+                            "or a Hugging Face hub id (owner/name[@revision][/subfolder])")
     return path
 
 
 def is_hub_id(spec: str | os.PathLike) -> bool:
-    """``owner/name`` that is not a local path: a model on the Hugging Face hub."""
-    text = str(spec).strip()
-    return bool(_HUB_ID.fullmatch(text)) and not Path(text).expanduser().exists()
+    """``owner/name[@rev][/sub]`` that is not a local path: a model on the Hugging Face hub."""
+    return is_hub_spec(spec)
 
 
 def _seeded_init(model: "torch.nn.Module", names: Sequence[str], seed: int, std: float) -> None:
@@ -346,13 +349,14 @@ def causal_accuracy(model: Any, tokenizer: Any, dataset: "TextDataset", batch_si
 
 
 def head_of(model_spec: str) -> str:
-    """Causal LM for SmolLM2 and local *ForCausalLM folders, sequence classification otherwise."""
+    """Causal LM for SmolLM2 and *ForCausalLM folders (or hub ids), sequence classification otherwise."""
     name = str(model_spec).strip().lower()
     if name == "smollm2":
         return "causal"
     if name == "minilm":
         return "classification"
-    config = Path(model_spec).expanduser() / "config.json"
+    folder = model_path(model_spec) if is_hub_id(model_spec) else Path(model_spec).expanduser()  # a hub id: its cache
+    config = Path(folder) / "config.json"
     try:
         if not config.is_file():  # a FIFO would block the read; model_path() refuses it by name
             return "classification"

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``rankscope ARGS`` in a new interpreter; a hang fails the test after 300 s rather than blocking the suite."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``rankscope ARGS`` in a new interpreter (``env``: variables set on top of this one's); a hang fails the test
+    after 300 s rather than blocking the suite."""
     return subprocess.run([sys.executable, "-m", "rankscope.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+                          cwd=cwd, env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}, timeout=300)
