@@ -23,7 +23,7 @@ import numpy as np
 
 from rankscope.errors import RankscopeError
 from rankscope.io.formats import LoraModule, ParsedCheckpoint
-from rankscope.io.gguf import GgufFile
+from rankscope.io.gguf import READABLE_TYPES, GgufFile
 from rankscope.io.validate import describe, is_number
 
 GGUF_FORMAT = "gguf"
@@ -53,7 +53,8 @@ def check_adapter(tf: GgufFile) -> str:
     """Refuse a GGUF file that is not a LoRA adapter (a model, a control vector); returns its architecture."""
     general_type = tf.metadata.get("general.type")
     if general_type != "adapter":
-        found = "no general.type" if general_type is None else f"general.type {describe(general_type)}"
+        found = ("no general.type" if general_type is None else f"general.type {general_type!r}"
+                 if isinstance(general_type, str) else f"general.type {describe(general_type)}")
         what = " (a model, not an adapter)" if general_type in (None, "model") else ""
         raise RankscopeError(f"{tf.path} is a GGUF file with {found}{what}: expected a LoRA adapter "
                              "(general.type \"adapter\", as convert_lora_to_gguf.py writes)")
@@ -127,6 +128,10 @@ def _module(tf: GgufFile, base: str, parts: dict[str, str], alpha: float) -> Lor
         expected = "(vocab, r) and (embd, r) for token_embd" if embedding else "(r, in) and (out, r)"
         raise RankscopeError(f"{tf.path}: {base!r} has lora_a {list(a_shape)} and lora_b {list(b_shape)} (numpy order), "
                              f"which do not chain: expected {expected} with the same r (llama.cpp: a's ne[1] == b's ne[0])")
+    for key in (parts["A"], parts["B"]):
+        if tf.dtype(key) not in READABLE_TYPES:
+            raise RankscopeError(f"{tf.path}: tensor {key!r} is stored as {tf.dtype(key)}, which rankscope does not read: "
+                                 f"expected {', '.join(READABLE_TYPES[:-1])} or {READABLE_TYPES[-1]} (read exactly)")
     in_features = a_shape[0] if embedding else a_shape[1]
     if rank == 0 or in_features == 0 or b_shape[0] == 0:
         raise RankscopeError(f"{tf.path}: {base!r} has lora_a {list(a_shape)} and lora_b {list(b_shape)}: expected r, "
