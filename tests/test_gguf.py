@@ -165,6 +165,10 @@ def bad_files(tmp_path) -> dict[str, tuple]:
     q4.add_tensor("blk.0.attn_q.weight.lora_b", B.astype(np.float32))
     q4.write_header_to_file(); q4.write_kv_data_to_file(); q4.write_tensors_to_file(); q4.close()  # noqa: E702
     cases["q4.gguf"] = "stored as Q4_0, which rankscope does not read"
+    _patch(tmp_path / "count.gguf", data, 16, struct.pack("<Q", 2**40))  # the key/value count
+    cases["count.gguf"] = "key/value fields, more than a"
+    (tmp_path / "lfs.gguf").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    cases["lfs.gguf"] = "is a Git LFS pointer file"
     write_gguf_lora(tmp_path / "model.gguf", "llama", modules, ALPHA, "f32", general_type="model")
     cases["model.gguf"] = "general.type 'model' (a model, not an adapter)"
     return cases

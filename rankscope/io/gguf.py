@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,9 @@ class GgufFile(TensorFile):
             stat = os.fstat(f.fileno())
             size = stat.st_size
             head = f.read(_HEADER_MIN)
+            if head.startswith(b"version https://git-lfs"):
+                raise RankscopeError(f"{path} is a Git LFS pointer file ({size} bytes), not the weights: expected a "
+                                     "GGUF file; fetch the real file with `git lfs pull`")
             if head[:4] != GGUF_MAGIC:
                 raise RankscopeError(f"{invalid}: it begins with {head[:4]!r}, expected the GGUF magic b'GGUF'")
             if size < _HEADER_MIN:
@@ -120,6 +124,10 @@ class GgufFile(TensorFile):
             if int.from_bytes(head[4:8], "little") & 0xFFFF == 0:
                 raise RankscopeError(f"{path} is a big-endian GGUF file: rankscope reads little-endian GGUF files "
                                      "(what convert_lora_to_gguf.py writes unless given --bigendian)")
+            tensors, kvs = int.from_bytes(head[8:16], "little"), int.from_bytes(head[16:24], "little")
+            if tensors > size // 24 or kvs > size // 12:  # each tensor info takes ≥ 24 bytes, each field ≥ 12
+                raise RankscopeError(f"{invalid}: its header counts {tensors} tensors and {kvs} key/value fields, more "
+                                     f"than a {size}-byte file can hold (a corrupt count, or a truncated file)")
             self._stat = (stat.st_size, stat.st_mtime_ns)
             try:
                 reader = _bounded_reader_class()(f)
@@ -259,6 +267,12 @@ def write_gguf(path: Path, arch: str, fields: list[GgufField], tensors: list[tup
     (uint8, numpy byte shape) for any other type. Atomically, through :func:`rankscope.io.atomic.write_with`."""
     import gguf  # the one GGUF writer
 
+    for field in fields:
+        if field.type == gguf.GGUFValueType.ARRAY and (field.nested or not field.value):
+            what = "an array of arrays" if field.nested else "an empty array"
+            raise RankscopeError(f"{path.name}: key/value field {field.key!r} is {what}, which gguf's writer cannot write "
+                                 "back: expected fields of scalars, strings or non-empty arrays of them")
+
     def fill(tmp: Path) -> None:
         writer = gguf.GGUFWriter(None, arch)
         try:
@@ -277,6 +291,8 @@ def write_gguf(path: Path, arch: str, fields: list[GgufField], tensors: list[tup
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
+        except (ValueError, TypeError, OverflowError, struct.error) as e:  # a field gguf's writer cannot pack
+            raise RankscopeError(f"{path.name} could not be written as GGUF ({_one_line(e)})") from None
         finally:
             writer.close()
 
