@@ -99,6 +99,8 @@ def _truncated(delta: np.ndarray, k: int) -> np.ndarray:
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_resize_writes_a_gguf_adapter_llama_cpp_accepts(tmp_path, outtype):
     modules = llama_modules(blocks=2, r=8, decay=0.5)
+    rng = np.random.default_rng(9)
+    modules["token_embd.weight"] = (rng.normal(size=(8, 96)) * 0.6 ** np.arange(8)[:, None], rng.normal(size=(64, 8)))
     source = write_gguf_lora(tmp_path / "in" / "lora.gguf", "llama", modules, ALPHA, outtype)
     before = gguf.GGUFReader(source)
     result = rankscope.adapters.resize.resize(source, tmp_path / "out", energy=0.9)
@@ -114,21 +116,36 @@ def test_resize_writes_a_gguf_adapter_llama_cpp_accepts(tmp_path, outtype):
         fields.pop("general.file_type")
     assert after == fields and after["adapter.lora.alpha"][0] == ALPHA
     tensors = {t.name: t for t in reader.tensors}
-    assert set(tensors) == {t.name for t in before.tensors}
+    assert [t.name for t in reader.tensors] == [t.name for t in before.tensors]
     for name, (A, B) in modules.items():
         a, b = tensors[name + ".lora_a"], tensors[name + ".lora_b"]
-        k = ranks[hf_name(name)]
-        # llama.cpp's loader rules: a's ne[0] is the base tensor's ne[0] (in), b's ne[1] its ne[1] (out), a's ne[1] == b's ne[0].
-        assert list(a.shape) == [A.shape[1], k] and list(b.shape) == [k, B.shape[0]]
+        embedding = name == "token_embd.weight"
+        k = ranks["token_embd" if embedding else hf_name(name)]
+        a_data, b_data = np.asarray(a.data, np.float64), np.asarray(b.data, np.float64)
         assert a.tensor_type.name == b.tensor_type.name == ("F32" if outtype == "f32" else "F16")
+        # llama.cpp's loader rules, in ggml's order (ne): a [in, k] and b [k, out], a's ne[1] == b's ne[0]; for
+        # token_embd, b [k, embd] and a [k, vocab] (its lora_a transposed).
+        if embedding:
+            assert list(a.shape) == [k, A.shape[1]] and list(b.shape) == [k, B.shape[0]]
+            a_data = a_data.T
+        else:
+            assert list(a.shape) == [A.shape[1], k] and list(b.shape) == [k, B.shape[0]]
         # llama.cpp applies (alpha / b's ne[0]) · B A: exactly the truncated SVD of the original update.
-        applied = ALPHA / int(b.shape[0]) * np.asarray(b.data, np.float64) @ np.asarray(a.data, np.float64)
-        target = _truncated(dense(A, B, outtype, ALPHA / 8), k)
+        applied = ALPHA / int(b.shape[0]) * b_data @ a_data
+        target = _truncated(dense(A, B, outtype, ALPHA / 8, name), k)
         tolerance = 1e-5 if outtype == "f32" else 2e-3
-        assert np.linalg.norm(applied - target) <= tolerance * np.linalg.norm(target)
+        assert np.linalg.norm(applied - target) <= tolerance * np.linalg.norm(target), name
     reread = rankscope.load(written)
     assert {m.name: (m.rank, m.scale) for m in reread} == {n: (k, ALPHA / k) for n, k in ranks.items()}
     assert not [p.name for p in (tmp_path / "in").iterdir() if p.name != "lora.gguf"]
+
+
+def test_suggest_speaks_peft_for_a_gguf_adapter(tmp_path, capfd):
+    path = write_gguf_lora(tmp_path / "a.gguf", "llama", llama_modules(1, r=4, decay=0.3), ALPHA)
+    rankscope_main(["suggest", str(path)])  # returns on success (an error would exit 2)
+    out = capfd.readouterr().out
+    assert "LoraConfig(" in out and "model.layers.0." in out
+    assert "rankscope resize" in out and "GGUF" in out
 
 
 def _patch(path, data: bytes, at: int, value: bytes) -> None:
@@ -174,13 +191,13 @@ def bad_files(tmp_path) -> dict[str, tuple]:
     return cases
 
 
-def test_broken_gguf_files_are_one_error_line_exit_2_and_nothing_written(tmp_path, capsys):
+def test_broken_gguf_files_are_one_error_line_exit_2_and_nothing_written(tmp_path, capfd):
     for name, expected in bad_files(tmp_path).items():
         for command in (["analyze", str(tmp_path / name)],
                         ["resize", str(tmp_path / name), "--out", str(tmp_path / f"out-{name}"), "--rank", "2"]):
             with pytest.raises(SystemExit) as exit_:
                 rankscope_main(command)
-            captured = capsys.readouterr()
+            captured = capfd.readouterr()
             assert exit_.value.code == 2 and captured.out == "", (name, captured)
             lines = captured.err.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], (name, lines)
