@@ -49,11 +49,11 @@ def test_every_type_reads_the_stored_values_with_llamas_scale(tmp_path, outtype)
     checkpoint = rankscope.load(path)
     assert checkpoint.format == "gguf" and checkpoint.skipped == ["blk.0.attn_norm.weight"]
     by_name = {m.name: m for m in checkpoint}
-    assert set(by_name) == {hf_name(n) for n in modules if n != "token_embd.weight"} | {"token_embd"}
+    assert set(by_name) == {hf_name(n) for n in modules if n != "token_embd.weight"} | {"model.embed_tokens"}
     document = rankscope.analyze(path, progress=False)
     spectra = {m["name"]: m["spectrum"] for m in document["snapshots"][0]["modules"]}
     for name, (A, B) in modules.items():
-        module = by_name["token_embd" if name == "token_embd.weight" else hf_name(name)]
+        module = by_name["model.embed_tokens" if name == "token_embd.weight" else hf_name(name)]
         assert module.rank == 8 and module.scale == ALPHA / 8
         assert (module.in_features, module.out_features) == (A.shape[1], B.shape[0])
         # Exactly the stored values (Q8_0: d·q block by block; bf16: rounded to nearest even), as float64.
@@ -61,7 +61,7 @@ def test_every_type_reads_the_stored_values_with_llamas_scale(tmp_path, outtype)
         np.testing.assert_array_equal(np.asarray(module.B, np.float64), stored(B, outtype))
         expected = np.linalg.svd(dense(A, B, outtype, ALPHA / 8, name), compute_uv=False)[:8]
         np.testing.assert_allclose(spectra[module.name], expected, rtol=1e-9, atol=1e-12 * expected[0])
-    assert by_name["token_embd"].layer_type == "embedding"
+    assert by_name["model.embed_tokens"].layer_type == "embedding"
     assert any("llama" in note and "model.layers.0.self_attn.q_proj" in note for note in checkpoint.notes)
 
 
@@ -120,7 +120,7 @@ def test_resize_writes_a_gguf_adapter_llama_cpp_accepts(tmp_path, outtype):
     for name, (A, B) in modules.items():
         a, b = tensors[name + ".lora_a"], tensors[name + ".lora_b"]
         embedding = name == "token_embd.weight"
-        k = ranks["token_embd" if embedding else hf_name(name)]
+        k = ranks["model.embed_tokens" if embedding else hf_name(name)]
         a_data, b_data = np.asarray(a.data, np.float64), np.asarray(b.data, np.float64)
         assert a.tensor_type.name == b.tensor_type.name == ("F32" if outtype == "f32" else "F16")
         # llama.cpp's loader rules, in ggml's order (ne): a [in, k] and b [k, out], a's ne[1] == b's ne[0]; for
@@ -218,3 +218,22 @@ def test_forced_formats_across_gguf_and_safetensors(tmp_path):
     with pytest.raises(rankscope.RankscopeError, match="is not a GGUF file"):
         rankscope.load(folder, format="gguf")
     assert math.isclose(rankscope.load(folder).modules[0].scale, 2.0)
+
+
+def test_a_gguf_file_cut_short_while_it_is_read_is_one_error(tmp_path):
+    path = write_gguf_lora(tmp_path / "a.gguf", "llama", llama_modules(1, r=4), ALPHA, "f16")
+    checkpoint = rankscope.load(path)  # header read; tensors not yet
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 64)
+    with pytest.raises(rankscope.RankscopeError, match="changed while it was read"):
+        for module in checkpoint:
+            module.A, module.B
+
+
+def test_validate_is_refused_for_a_gguf_adapter_before_anything_is_written(tmp_path, capfd):
+    path = write_gguf_lora(tmp_path / "a.gguf", "llama", llama_modules(1, r=4), ALPHA)
+    with pytest.raises(SystemExit) as exit_:
+        rankscope_main(["resize", str(path), "--out", str(tmp_path / "out"), "--rank", "2", "--validate",
+                        "--model", "minilm"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "llama.cpp" in err[0] and not (tmp_path / "out").exists()

@@ -406,7 +406,7 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
 
 
 # GGUF tensor types resize writes as they came; any other (Q8_0) becomes F16 (F32 where F16 would overflow).
-_GGUF_KEPT = ("F32", "F16", "BF16")
+_GGUF_KEPT = ("F32", "F16", "BF16", "F64")
 _FILE_TYPES = {"F32": 0, "F16": 1, "BF16": 32}  # general.file_type (llama_ftype) of a file of one type
 
 

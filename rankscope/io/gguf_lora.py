@@ -32,7 +32,8 @@ LORA_SUFFIXES = {".lora_a": "A", ".lora_b": "B"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 _TOKEN_EMBD = "token_embd"
 _PREFERRED = (re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj$"),
-              re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\."), re.compile(r"^model\.layers\.\d+\."))
+              re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\."), re.compile(r"^model\.layers\.\d+\."),
+              re.compile(r"^lm_head$"), re.compile(r"^model\.[a-z_]+$"), re.compile(r"^model\."))
 
 
 def adapter_alpha(tf: GgufFile) -> float:
@@ -159,7 +160,7 @@ def _hf_map(arch: str, names: list[str]) -> dict[str, str] | None:
         candidates[gguf_name].append(hf_name)
     out = {}
     for name in names:
-        options = [c for c in candidates.get(name, []) if "." in c or name == _TOKEN_EMBD]
+        options = [c for c in candidates.get(name, []) if c != name]  # the map also lists GGUF names themselves
         if not options:
             return None
         out[name] = min(options, key=lambda c: (_preference(c), options.index(c)))
