@@ -186,6 +186,9 @@ def bad_files(tmp_path) -> dict[str, tuple]:
     cases["count.gguf"] = "key/value fields, more than a"
     (tmp_path / "lfs.gguf").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
     cases["lfs.gguf"] = "is a Git LFS pointer file"
+    deep = struct.pack("<Q", 6) + b"x.deep" + struct.pack("<I", 9) + (struct.pack("<I", 9) + struct.pack("<Q", 1)) * 5000
+    (tmp_path / "deep.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + deep + struct.pack("<IQI", 4, 1, 7))
+    cases["deep.gguf"] = "RecursionError"  # arrays of arrays 5000 deep: gguf's reader recurses
     write_gguf_lora(tmp_path / "model.gguf", "llama", modules, ALPHA, "f32", general_type="model")
     cases["model.gguf"] = "general.type 'model' (a model, not an adapter)"
     return cases

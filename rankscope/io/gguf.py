@@ -1,7 +1,8 @@
 """Reading and writing GGUF files (llama.cpp's format) with the ``gguf`` package, llama.cpp's own library.
 
-The header (key/value fields and tensor infos) is parsed by :class:`gguf.GGUFReader`, kept from ever
-reading past the end of the file or looping over a count the file cannot hold. The tensor infos are then
+The header (key/value fields and tensor infos) is parsed by :class:`gguf.GGUFReader` (over its memory map,
+touching only the header's pages, and dropped before any tensor is read), kept from ever reading past the
+end of the file or looping over a count the file cannot hold. The tensor infos are then
 checked by the rules of ggml's own loader (``gguf_init_from_file``): a known type, at most 4 dimensions,
 rows of whole blocks, and data offsets laid out one after another, each padded to the alignment, inside
 the file. Tensor data is read when asked for with positional reads (never memory-mapped: a mapped file
@@ -134,7 +135,7 @@ class GgufFile(TensorFile):
             except _PastEnd as e:
                 raise RankscopeError(f"{path} is truncated or its header is corrupt: a header field at byte {e.offset} "
                                      f"needs {e.size} bytes, but the file has {size}") from None
-            except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as e:
+            except (ValueError, KeyError, IndexError, TypeError, OverflowError, RecursionError) as e:
                 raise RankscopeError(f"{invalid}: its header could not be parsed ({_one_line(e)})") from None
             try:
                 self.fields = _fields(reader, gguf)
