@@ -28,7 +28,7 @@ import numpy as np
 
 from rankscope.errors import RankscopeError
 from rankscope.io.atomic import write_with
-from rankscope.io.tensors import TensorFile, _changed, _pread_into, bf16_to_float32
+from rankscope.io.tensors import TensorFile, bf16_to_float32, changed_while_read, pread_into
 from rankscope.io.validate import open_regular
 
 GGUF_SUFFIX = ".gguf"
@@ -178,7 +178,7 @@ class GgufFile(TensorFile):
         done, total = 0, len(buffer)
         while done < total:
             try:
-                got = _pread_into(self._fd, buffer[done:], offset + done)
+                got = pread_into(self._fd, buffer[done:], offset + done)
             except OSError as e:
                 raise RankscopeError(f"{self.path} could not be read at tensor {name!r} ({e.strerror or e}): "
                                      "expected a readable GGUF file") from None
@@ -193,7 +193,7 @@ class GgufFile(TensorFile):
         except OSError:
             now = None
         if short or now is None or (now.st_size, now.st_mtime_ns) != self._stat:
-            raise RankscopeError(_changed(self.path, self._stat, now, f"at tensor {name!r}{short}"))
+            raise RankscopeError(changed_while_read(self.path, self._stat, now, f"at tensor {name!r}{short}"))
 
     def close(self) -> None:
         self._finalizer()
