@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import weakref
 from dataclasses import dataclass
@@ -39,10 +40,12 @@ _HEADER_MIN = 24  # magic, version, tensor count, key/value count
 
 
 def is_gguf(path: Path) -> bool:
-    """``path`` is named ``.gguf`` or begins with the GGUF magic (never raises)."""
+    """``path`` is named ``.gguf``, or is a regular file that begins with the GGUF magic (never raises, never blocks)."""
     if path.suffix.lower() == GGUF_SUFFIX:
         return True
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO (it would block) or a device
+            return False
         with open(path, "rb") as f:
             return f.read(4) == GGUF_MAGIC
     except OSError:
@@ -111,8 +114,8 @@ class GgufFile(TensorFile):
         self.path = path
         invalid = f"{path} is not a valid GGUF file"
         with open_regular(path, "a GGUF file") as f:
-            stat = os.fstat(f.fileno())
-            size = stat.st_size
+            info = os.fstat(f.fileno())
+            size = info.st_size
             head = f.read(_HEADER_MIN)
             if head.startswith(b"version https://git-lfs"):
                 raise RankscopeError(f"{path} is a Git LFS pointer file ({size} bytes), not the weights: expected a "
@@ -129,7 +132,7 @@ class GgufFile(TensorFile):
             if tensors > size // 24 or kvs > size // 12:  # each tensor info takes ≥ 24 bytes, each field ≥ 12
                 raise RankscopeError(f"{invalid}: its header counts {tensors} tensors and {kvs} key/value fields, more "
                                      f"than a {size}-byte file can hold (a corrupt count, or a truncated file)")
-            self._stat = (stat.st_size, stat.st_mtime_ns)
+            self._stat = (info.st_size, info.st_mtime_ns)
             try:
                 reader = _bounded_reader_class()(f)
             except _PastEnd as e:
