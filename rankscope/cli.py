@@ -42,7 +42,7 @@ from rankscope.tasks.runconfig import read_run_config
 from rankscope.views.outputs import recommendation_lines, temporal_view, write_analysis, write_compare, write_sweep
 from rankscope.views.text import compare_lines, suggest_lines, summary_lines
 
-FORMAT_CHOICES = ["peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune"]
+FORMAT_CHOICES = ["peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune", "gguf"]
 
 
 def _out(line: str) -> None:
@@ -419,6 +419,9 @@ def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, ma
     _check_out(None, json_target)
     run_config = read_run_config(path) if validate and path.is_dir() else None
     placement = None
+    if validate and resolve_adapter(path, step, format_).format == "gguf":
+        raise RankscopeError("--validate evaluates adapters on a transformers model; a GGUF adapter runs in llama.cpp: "
+                             "resize it without --validate and check it there (llama-perplexity --lora FILE)")
     if validate:
         placement = resolve_placement(device, precision, batch_size)
         _check_model(model_spec or (run_config or {}).get("model"))

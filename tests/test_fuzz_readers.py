@@ -748,6 +748,80 @@ def test_files_that_change_while_they_are_read(case):
         raise AssertionError("a file that changed while it was read was analysed as if it had not")
 
 
+# ----------------------------------------------------------------------------- GGUF adapters (llama.cpp)
+
+
+@functools.lru_cache(maxsize=1)
+def gguf_adapter() -> tuple[bytes, tuple[tuple[int, int], ...]]:
+    """A small GGUF LoRA adapter written by gguf's GGUFWriter as convert_lora_to_gguf.py writes it (f16 and q8_0
+    factors, a norm vector), and the byte spans of its header's 8-byte counts, lengths, dims and offsets."""
+    import gguf
+    import numpy as np
+
+    from tests.helpers.gguf_adapters import llama_modules, write_gguf_lora
+
+    modules = llama_modules(blocks=2, r=4, d=32, ff=64)
+    with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
+        path = write_gguf_lora(Path(tmp) / "a.gguf", "llama", dict(list(modules.items())[:5]), 8.0, "q8_0",
+                               norms={"blk.0.attn_norm.weight": np.ones(32)})
+        data = path.read_bytes()
+        # Every u64 the header holds (counts, string lengths, dims, offsets): where a lying number does most harm.
+        reader = gguf.GGUFReader(path)
+        spans = []
+        for field in [*reader.fields.values(), *(t.field for t in reader.tensors)]:
+            for part in field.parts:
+                if part.dtype.itemsize == 8 and part.size:
+                    start = part.ctypes.data - reader.data.ctypes.data
+                    spans += [(start + 8 * i, 8) for i in range(part.size)]
+        del reader, field, part
+    assert spans and all(len(data) >= at + n for at, n in spans)
+    return data, tuple(spans)
+
+
+@st.composite
+def gguf_case(draw) -> dict:
+    data, spans = gguf_adapter()
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["number", "number", "flip", "truncate", "append", "insert", "type"]))
+        note(f"gguf edit {kind}")
+        if kind == "number":  # a count, a length, a dim or an offset that lies
+            at, _ = draw(st.sampled_from(spans))
+            old = int.from_bytes(data[at:at + 8], "little")
+            new = draw(st.sampled_from([0, 1, old + 1, old - 1 if old else 0, old * 2, old + 32, 2**32, 2**63, U64,
+                                        len(data), len(data) * 4]) | st.integers(0, U64))
+            data[at:at + 8] = new.to_bytes(8, "little")
+        elif kind == "type":  # a value or tensor type code: a 4-byte field just before an 8-byte one
+            at, _ = draw(st.sampled_from(spans))
+            if at >= 4:
+                data[at - 4:at] = draw(st.sampled_from([0, 1, 2, 8, 9, 13, 30, 39, 99, 2**31])).to_bytes(4, "little")
+        elif kind == "flip" and data:
+            at = draw(st.integers(0, len(data) - 1))
+            data[at] ^= draw(st.integers(1, 255))
+        elif kind == "truncate" and data:
+            del data[draw(st.integers(0, len(data) - 1)):]
+        elif kind == "append":
+            data += draw(st.binary(min_size=1, max_size=64))
+        elif kind == "insert":
+            at = draw(st.integers(0, len(data)))
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+    return {"bytes": bytes(data), "resize": draw(st.booleans())}
+
+
+@examples(0.1)
+@given(case=gguf_case())
+def test_mutated_gguf_adapters(case):
+    """A corrupted GGUF adapter is read, analysed and resized, or refused with one line: never another exception,
+    never a hang (a lying array length once made gguf's reader loop far past the end of the file)."""
+    from rankscope.adapters.resize import resize
+
+    with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
+        path = Path(tmp) / "adapter.gguf"
+        path.write_bytes(case["bytes"])
+        if outcome(lambda: rankscope.analyze(path, progress=False)) == "ok" and case["resize"]:
+            outcome(lambda: resize(path, Path(tmp) / "out", rank=2))
+
+
 def test_fixtures_are_untouched_and_the_unmutated_copies_load():
     """The property's baseline: every fixture loads as it is (so a failure above is the mutation's doing)."""
     for name in ("peft-gpt2-conv1d", "peft-roberta-series", "mlx-gemma-series", "diffusers-legacy-sd15"):

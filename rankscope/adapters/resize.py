@@ -21,6 +21,7 @@ written, and the input is never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,8 +37,16 @@ from rankscope.constants import ADAPTER_CONFIG, RESIZE_SCHEMA, SCORES_FILE, STAT
 from rankscope.errors import RankscopeError
 from rankscope.io.atomic import check_out, output_folder, write_chunks, write_json, write_with
 from rankscope.io.formats import LoraModule
+from rankscope.io.gguf import GgufFile, write_gguf
+from rankscope.io.gguf_lora import GGUF_FORMAT, adapter_alpha, gguf_scale
 from rankscope.io.loading import Checkpoint, load_checkpoint, resolve_adapter
-from rankscope.io.tensors import PICKLE_SUFFIXES, encode_safetensors, encode_tensor, open_tensor_file
+from rankscope.io.tensors import (
+    PICKLE_SUFFIXES,
+    encode_safetensors,
+    encode_tensor,
+    float_to_bf16_bits,
+    open_tensor_file,
+)
 from rankscope.maths import importance as imp
 from rankscope.maths.analysis import analysis_threads, one_blas_thread
 from rankscope.maths.suggest import check_energy, module_rank, peft_fragment
@@ -376,6 +385,8 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
     source = checkpoint.path
     _check_out(Path(adapter if not isinstance(adapter, Checkpoint) else source), source, out, overwrite)
     _refuse_inexact(checkpoint)
+    if checkpoint.format == GGUF_FORMAT:
+        return _resize_gguf(checkpoint, out, rule, DTYPES[dtype], overwrite)
     tensors, rows, ranks, notes = _tensor_entries(checkpoint, rule, DTYPES[dtype])
     config = _config_for(checkpoint, rows, ranks)
     metadata = _metadata(checkpoint, ranks) if source.suffix == ".safetensors" else {}
@@ -393,6 +404,96 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
     if checkpoint.format in ("peft", "torchtune") and config is None:
         notes.append("no adapter_config.json beside the input: the output has none either")
     return ResizeResult(str(source), str(out), checkpoint.format, rule, rows, source.stat().st_size, bytes_after, notes)
+
+
+# GGUF tensor types resize writes as they came; any other (Q8_0) becomes F16 (F32 where F16 would overflow).
+_GGUF_KEPT = ("F32", "F16", "BF16", "F64")
+_FILE_TYPES = {"F32": 0, "F16": 1, "BF16": 32}  # general.file_type (llama_ftype) of a file of one type
+
+
+def _resize_gguf(checkpoint: Checkpoint, out: Path, rule: dict[str, Any], dtype: str | None,
+                 overwrite: bool) -> ResizeResult:
+    """A llama.cpp GGUF adapter, resized into a GGUF adapter that llama.cpp's loader accepts.
+
+    llama.cpp has one ``adapter.lora.alpha`` per file and scales each update by alpha / r, r its lora_b's rank:
+    with per-module ranks k the file's alpha is kept, and each new B and A carry √(scale·k/alpha), so that
+    (alpha/k)·B'·A' is exactly the module's best rank-k update (for alpha 0 llama.cpp's scale stays 1: √scale).
+    Every key/value field is copied (general.file_type follows the new tensor types); tensors that are not
+    LoRA pairs are copied byte for byte.
+    """
+    tf = GgufFile(checkpoint.path)
+    source = checkpoint.path
+    try:
+        alpha = adapter_alpha(tf)
+        by_key = {}
+        rows, notes, written, lora_kinds = [], [], set(), set()
+        for module, (A_new, B_new, k, error, zero) in zip(checkpoint.modules, _all_new_factors(checkpoint, rule)):
+            root = math.sqrt(module.scale / gguf_scale(alpha, k))
+            A_new, B_new = A_new * root, B_new * root
+            if module.layer_type == "embedding":  # token_embd: lora_a is stored transposed, (vocab, r)
+                A_new = A_new.T
+            for role, array in (("A", A_new), ("B", B_new)):
+                key = module.keys[role]
+                stored = tf.dtype(key)
+                kind = dtype or (stored if stored in _GGUF_KEPT else "F16")
+                largest = float(np.abs(array).max()) if array.size else 0.0
+                if largest > _LARGEST[kind]:
+                    if dtype or stored in _GGUF_KEPT:
+                        raise RankscopeError(f"{module.name}: its new {role} reaches {largest:.4g}, beyond the largest "
+                                             f"{kind} number ({_LARGEST[kind]:.4g}), so writing {kind} would store Inf: "
+                                             "expected --dtype fp32 (or bf16) for this adapter")
+                    kind = "F32"
+                if kind != stored:
+                    written.add((stored, kind))
+                by_key[key] = (np.ascontiguousarray(array), kind)
+                lora_kinds.add(kind)
+            params = module.in_features + module.out_features
+            rows.append(ResizedModule(module.name, module.rank, k, error, module.rank * params, k * params, zero))
+        tensors = []
+        for name in tf:
+            if name in by_key:
+                array, kind = by_key.pop(name)
+                if kind == "BF16":
+                    array = float_to_bf16_bits(array)
+                tensors.append((name, array, kind))
+            else:  # not a LoRA pair (a norm vector): its bytes as stored
+                from gguf.quants import quant_shape_to_byte_shape  # the gguf package only reads GGUF files
+
+                byte_shape = quant_shape_to_byte_shape(tf.shape(name), _ggml_type(tf.dtype(name)))
+                tensors.append((name, tf.raw(name).reshape(byte_shape), tf.dtype(name)))
+        fields = [_retyped(field, lora_kinds) for field in tf.fields]
+        arch = str(tf.metadata["general.architecture"])
+        alignment = tf.alignment
+    finally:
+        tf.close()
+    for stored, kind in sorted(written):
+        if stored not in _GGUF_KEPT and not dtype:
+            notes.append(f"{stored} factors are written as {kind}: a resized factor is not a Q8_0 tensor's blocks "
+                         "(re-quantise with llama.cpp's llama-quantize if needed)")
+    notes.append(f"adapter.lora.alpha is kept ({alpha:g}); llama.cpp scales each module by alpha / its new rank, so the "
+                 "new B and A carry the factor that keeps scale·B·A the truncated update exactly")
+    zero = [m.name for m in rows if m.zero]
+    if zero:
+        notes.append(f"{len(zero)} module(s) have a zero update ({zero[0]}{', ...' if len(zero) > 1 else ''}): "
+                     f"kept at rank {rule['module_min']} with zeros")
+    with output_folder(out, "adapter", replace=overwrite) as tmp:
+        target = tmp / source.name
+        write_gguf(target, arch, fields, tensors, alignment)
+        bytes_after = target.stat().st_size
+    return ResizeResult(str(source), str(out), checkpoint.format, rule, rows, source.stat().st_size, bytes_after, notes)
+
+
+def _ggml_type(name: str) -> Any:
+    import gguf  # the gguf package only reads GGUF files
+
+    return gguf.GGMLQuantizationType[name]
+
+
+def _retyped(field: Any, kinds: set[str]) -> Any:
+    """general.file_type rewritten to the one type every LoRA factor now has; any other field as it was."""
+    if field.key == "general.file_type" and len(kinds) == 1 and next(iter(kinds)) in _FILE_TYPES:
+        return dataclasses.replace(field, value=_FILE_TYPES[next(iter(kinds))])
+    return field
 
 
 def evaluate_resize(original: Checkpoint, resized: str | os.PathLike, model_spec: str | None = None, data: str | None = None,

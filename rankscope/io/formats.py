@@ -22,7 +22,7 @@ from rankscope.io.patterns import PatternError, PatternMap, PatternTooSlow, patt
 from rankscope.io.tensors import TensorFile
 from rankscope.io.validate import check_adapter_config, check_temperature, describe, is_number, parse_json
 
-FORMATS = ("peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune")
+FORMATS = ("peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune", "gguf")
 
 # Names of the parts: "A", "B" (the pair), and extras that change the scale or the update.
 _PEFT_KEY = re.compile(
@@ -216,6 +216,8 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         )
     if fmt not in FORMATS:
         raise RankscopeError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "gguf":  # read by rankscope.io.gguf_lora, from .gguf files only
+        raise RankscopeError(f"{tf.path} is not a GGUF file: --format gguf reads llama.cpp's .gguf LoRA adapters")
     pattern = {
         "peft": _PEFT_KEY, "diffusers-peft": _PEFT_KEY, "kohya": _KOHYA_KEY,
         "diffusers-legacy": _DIFFUSERS_LEGACY_KEY, "mlx": _MLX_KEY, "torchtune": _TORCHTUNE_KEY,

@@ -24,6 +24,8 @@ from rankscope.constants import (
 )
 from rankscope.errors import RankscopeError
 from rankscope.io.formats import LoraModule, parse_checkpoint, per_rank_vector
+from rankscope.io.gguf import GGUF_SUFFIX, GgufFile, is_gguf
+from rankscope.io.gguf_lora import parse_gguf_checkpoint
 from rankscope.io.hub import resolve_local
 from rankscope.io.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
 from rankscope.io.trace import find_trace, is_trace_file
@@ -62,7 +64,7 @@ def _hidden(path: Path) -> bool:
 
 def _is_weight_file(path: Path) -> bool:
     return (path.is_file() and path.name not in _NOT_ADAPTERS and not _hidden(path)
-            and (path.suffix == SAFETENSORS_SUFFIX or path.suffix in PICKLE_SUFFIXES))
+            and (path.suffix in (SAFETENSORS_SUFFIX, GGUF_SUFFIX) or path.suffix in PICKLE_SUFFIXES))
 
 
 def _unreadable(path: Path) -> str | None:
@@ -224,6 +226,8 @@ class Series:
 def load_checkpoint(weights: Path, step: int | None = None, format: str | None = None) -> Checkpoint:
     """Read one weights file, with the ``adapter_config.json`` and BeamLoRA scores beside it."""
     weights = Path(weights)
+    if is_gguf(weights):
+        return _load_gguf(weights, step, format)
     config_path = weights.parent / ADAPTER_CONFIG
     config = _read_object(config_path, ADAPTER_CONFIG_WHAT) if os.path.lexists(config_path) else None
     tensors = open_tensor_file(weights)
@@ -241,6 +245,12 @@ def load_checkpoint(weights: Path, step: int | None = None, format: str | None =
     if step is None and os.path.lexists(weights.parent / TRAINER_STATE):
         step = _trainer_step(weights.parent)
     return Checkpoint(weights, parsed.format, step, parsed.modules, parsed.skipped, notes, config)
+
+
+def _load_gguf(weights: Path, step: int | None, format: str | None) -> Checkpoint:
+    """A llama.cpp GGUF LoRA adapter: everything it needs is inside the file (no adapter_config.json is read)."""
+    parsed = parse_gguf_checkpoint(GgufFile(weights), format)
+    return Checkpoint(weights, parsed.format, step, parsed.modules, parsed.skipped, parsed.notes, None)
 
 
 def _trainer_step(folder: Path) -> int | None:

@@ -250,7 +250,7 @@ def _shown(value: object) -> str:
 _SEEK_LOCK = threading.Lock()
 
 
-def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+def pread_into(fd: int, buffer: memoryview, offset: int) -> int:
     """Read into ``buffer`` at ``offset`` of ``fd``; the bytes read (0 at the end of the file)."""
     if hasattr(os, "preadv"):
         return os.preadv(fd, [buffer], offset)
@@ -261,7 +261,7 @@ def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
     return len(data)
 
 
-def _changed(path: Path, before: tuple[int, int], now: os.stat_result | None, where: str) -> str:
+def changed_while_read(path: Path, before: tuple[int, int], now: os.stat_result | None, where: str) -> str:
     """The one error of a file that changed under its reader (cut short, grown or rewritten) or vanished."""
     if now is None:
         what = "it could no longer be examined"
@@ -302,7 +302,7 @@ class SafetensorsFile(TensorFile):
             raw_header = f.read(header_len)
             self._stat = (stat.st_size, stat.st_mtime_ns)
             if len(raw_header) != header_len:
-                raise RankscopeError(_changed(path, self._stat, os.fstat(f.fileno()), "in its header"))
+                raise RankscopeError(changed_while_read(path, self._stat, os.fstat(f.fileno()), "in its header"))
             header = _parse_header(raw_header, path)
             data_start = 8 + header_len
             shapes, dtypes, self._offsets, metadata = _check_header(header, path, size - data_start)
@@ -320,7 +320,7 @@ class SafetensorsFile(TensorFile):
         except OSError:
             now = None
         if short or now is None or (now.st_size, now.st_mtime_ns) != self._stat:
-            raise RankscopeError(_changed(self.path, self._stat, now, f"at tensor {name!r}{short}"))
+            raise RankscopeError(changed_while_read(self.path, self._stat, now, f"at tensor {name!r}{short}"))
 
     def _read_into(self, buffer: memoryview, offset: int, name: str) -> None:
         """Fill ``buffer`` from ``offset`` with positional reads (thread-safe: no shared file position)."""
@@ -329,7 +329,7 @@ class SafetensorsFile(TensorFile):
         done, total = 0, len(buffer)
         while done < total:
             try:
-                got = _pread_into(self._fd, buffer[done:], offset + done)
+                got = pread_into(self._fd, buffer[done:], offset + done)
             except OSError as e:
                 raise RankscopeError(f"{self.path} could not be read at tensor {name!r} "
                                      f"({e.strerror or e}): expected a readable safetensors file") from None

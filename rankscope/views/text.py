@@ -143,9 +143,13 @@ def _config_lines(result: dict[str, Any]) -> list[str]:
     """Ready-to-paste configuration in the words of the tool that made the adapter."""
     peft = result["peft"]
     fmt = result["format"]
-    if fmt in ("peft", "diffusers-peft", "torchtune"):
+    if fmt in ("peft", "diffusers-peft", "torchtune", "gguf"):
         args = ", ".join(f"{key}={value!r}" for key, value in peft.items())
-        return [f"  PEFT           LoraConfig({args})"]
+        lines = [f"  PEFT           LoraConfig({args})"]
+        if fmt == "gguf":  # convert_lora_to_gguf.py makes GGUF adapters from PEFT ones
+            lines.append("  GGUF           train with this LoraConfig and convert it, or `rankscope resize` this file: "
+                         "it writes a GGUF adapter at these ranks")
+        return lines
     if fmt == "mlx":
         scale = peft["lora_alpha"] / peft["r"]
         return [f"  mlx-lm         \"lora_parameters\": {{\"rank\": {peft['r']}, \"scale\": {scale:g}}}   "
