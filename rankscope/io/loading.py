@@ -16,7 +16,8 @@ from typing import Iterator
 
 from rankscope.constants import ADAPTER_CONFIG, EVENTS_FILE, SCORES_FILE, STATE_FILE, TRAINER_STATE
 from rankscope.errors import RankscopeError
-from rankscope.io.formats import LoraModule, parse_checkpoint, per_rank_vector
+from rankscope.io.formats import LoraModule, per_rank_vector
+from rankscope.io.structured import parse_any
 from rankscope.io.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
 from rankscope.io.trace import find_trace, is_trace_file
 from rankscope.io.validate import (
@@ -227,7 +228,7 @@ def load_checkpoint(weights: Path, step: int | None = None, format: str | None =
     config_path = weights.parent / ADAPTER_CONFIG
     config = _read_object(config_path, ADAPTER_CONFIG_WHAT) if os.path.lexists(config_path) else None
     tensors = open_tensor_file(weights)
-    parsed = parse_checkpoint(tensors, config, format, config_path=str(config_path))
+    parsed = parse_any(tensors, config, format, config_path=str(config_path))  # LoRA formats, LoHa / LoKr
     notes = list(parsed.notes)
     scores_path = weights.parent / SCORES_FILE
     if os.path.lexists(scores_path):
