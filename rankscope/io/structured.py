@@ -210,6 +210,15 @@ def _lokr(tf: TensorFile, name: str, parts: dict[str, str]) -> tuple[dict, Calla
     return flat, read, (r1 if r1 is not None else r2), w1[0] * w2[0], w1[1] * w2[1]
 
 
+def _kernel(tf: TensorFile, parts: dict[str, str]) -> list[int] | None:
+    """A conv module's kernel size where a stored tensor keeps it (Tucker cores, a 4-D lokr_w2); None otherwise
+    (linear, or a conv whose factors are stored flattened to (r, in·kh·kw))."""
+    for part in ("hada_t1", "lokr_t2", "lokr_w2", "lokr_w2_b"):
+        if part in parts and len(shape := tf.shape(parts[part])) > 2:
+            return [int(d) for d in shape[2:]]
+    return None
+
+
 def rank_bound(method: str, shapes: dict[str, tuple[int, int]]) -> int:
     """The largest rank ΔW can have, from its 2-D factors' shapes (the number of singular values reported)."""
     if method == "loha":
@@ -258,6 +267,7 @@ def parse_structured(tf: TensorFile, config: dict | None, format: str | None = N
         conv = any(len(tf.shape(parts[p])) > 2 for p in factors)
         first = parts.get("hada_w1_a") or parts.get("lokr_w1") or parts.get("lokr_w1_a")
         structure = {"method": method, "r": r, "factors": {k: list(v) for k, v in flat.items()},
+                     "kernel": _kernel(tf, parts),
                      "params": int(sum(np.prod(tf.shape(parts[p])) for p in factors)),
                      "tucker": any(p in parts for p in ("hada_t1", "lokr_t2"))}
         modules.append(LoraModule(
