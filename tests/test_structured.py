@@ -275,3 +275,42 @@ def test_a_structured_analysis_goes_through_every_view(tmp_path):
     assert compare_lines(compare([document, document], ["a", "b"]))
     frame = to_frame(document)
     assert len(frame) == 3 and frame["top10_share"].isna().all() and frame["k95"].notna().all()
+
+
+@pytest.mark.parametrize("case", ["gram", "rank-deficient", "r2-above-n"])
+def test_loha_maths_on_every_path_matches_a_dense_svd(case):
+    """The Gram path, the Householder fallback (a rank-deficient face-splitting factor: w1_a = w2_a makes the (i,j)
+    and (j,i) columns equal) and r1·r2 above the module's size, each against the dense ΔW in float64."""
+    from rankscope.maths import structured
+
+    rng = np.random.default_rng(3)
+    out, inner, r = (40, 30, 3) if case != "r2-above-n" else (6, 7, 3)
+    B1, B2 = rng.standard_normal((out, r)), rng.standard_normal((out, r))
+    A1, A2 = rng.standard_normal((r, inner)), rng.standard_normal((r, inner))
+    if case == "rank-deficient":
+        B2 = B1.copy()
+    parts = {"B1": B1, "A1": A1, "B2": B2, "A2": A2}
+    delta = (B1 @ A1) * (B2 @ A2)
+    dense = _svd(delta)[1]
+    ours = structured.spectrum("loha", parts, scale=-0.5)
+    assert ours.size == min(r * r, out, inner)
+    np.testing.assert_allclose(ours, 0.5 * dense[: ours.size], rtol=1e-9, atol=1e-10 * dense[0])
+    for k in (1, 4):
+        A, B, sigma = structured.truncated_factors("loha", parts, k)
+        np.testing.assert_allclose(B @ A, _truncation(delta, k), atol=1e-9 * dense[0])
+        np.testing.assert_allclose(sigma, dense[: sigma.size], rtol=1e-9, atol=1e-10 * dense[0])
+
+
+def test_lokr_maths_with_both_halves_factored_matches_a_dense_svd():
+    from rankscope.maths import structured
+
+    rng = np.random.default_rng(4)
+    parts = {"B1": rng.standard_normal((4, 2)), "A1": rng.standard_normal((2, 5)),
+             "B2": rng.standard_normal((6, 2)), "A2": rng.standard_normal((2, 3))}
+    delta = np.kron(parts["B1"] @ parts["A1"], parts["B2"] @ parts["A2"])
+    dense = _svd(delta)[1]
+    ours = structured.spectrum("lokr", parts, scale=2.0)
+    assert ours.size == 4
+    np.testing.assert_allclose(ours, 2.0 * dense[:4], rtol=1e-10)
+    A, B, _ = structured.truncated_factors("lokr", parts, lambda sigma: 3)  # keep as the rule resize passes
+    np.testing.assert_allclose(B @ A, _truncation(delta, 3), atol=1e-10 * dense[0])
