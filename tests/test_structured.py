@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,6 +278,8 @@ def test_a_structured_analysis_goes_through_every_view(tmp_path):
     assert compare_lines(compare([document, document], ["a", "b"]))
     frame = to_frame(document)
     assert len(frame) == 3 and frame["top10_share"].isna().all() and frame["k95"].notna().all()
+    no_spectrum = analyze(folder, spectrum=False, progress=False)["snapshots"][0]["summary"]["verdict"]["sentence"]
+    assert "undefined for LoHa / LoKr" in no_spectrum and "nothing has been learned" not in no_spectrum
 
 
 @pytest.mark.parametrize("case", ["gram", "rank-deficient", "r2-above-n"])
@@ -314,3 +319,39 @@ def test_lokr_maths_with_both_halves_factored_matches_a_dense_svd():
     np.testing.assert_allclose(ours, 2.0 * dense[:4], rtol=1e-10)
     A, B, _ = structured.truncated_factors("lokr", parts, lambda sigma: 3)  # keep as the rule resize passes
     np.testing.assert_allclose(B @ A, _truncation(delta, 3), atol=1e-10 * dense[0])
+
+
+_FUZZ_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+               "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
+
+
+def test_fuzzed_structured_files_load_or_fail_in_one_line(tmp_path):
+    """Random part sets and shapes (missing parts, 0-sized, 1-D or 5-D factors, odd alphas, NaN): analyze and resize
+    either work, with every spectrum as long as the module's rank, or raise RankscopeError with one line."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    long = os.environ.get("HYPOTHESIS_PROFILE") == "long"  # make fuzz
+    shapes = st.lists(st.integers(0, 4), min_size=0, max_size=5).map(tuple)
+    files = st.dictionaries(st.sampled_from(_FUZZ_PARTS), shapes, min_size=1, max_size=7)
+
+    @settings(max_examples=2000 if long else 30, deadline=None, derandomize=not long, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(files, st.sampled_from(["lora_unet_m", "base_model.model.m"]), st.booleans())
+    def check(parts, prefix, nan):
+        folder = Path(tempfile.mkdtemp(dir=tmp_path))
+        rng = np.random.default_rng(0)
+        tensors = {f"{prefix}.{part}": rng.standard_normal(shape).astype(np.float32) for part, shape in parts.items()}
+        if nan and tensors:
+            first = next(iter(tensors.values()))
+            first.reshape(-1)[:1] = np.nan
+        save_file(tensors, folder / "x.safetensors")
+        try:
+            document = analyze(folder / "x.safetensors", progress=False)
+            for m in document["snapshots"][0]["modules"]:
+                assert m.get("error") or len(m["spectrum"]) == m["rank"] >= 1
+            resize(folder / "x.safetensors", folder / "out", rank=1)
+        except RankscopeError as e:
+            assert "\n" not in str(e) and str(e)
+
+    check()

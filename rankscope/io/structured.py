@@ -257,6 +257,10 @@ def parse_structured(tf: TensorFile, config: dict | None, format: str | None = N
             raise RankscopeError(f"{tf.path}: module {name!r} has both LoHa (hada_) and LoKr (lokr_) factors: "
                                  "expected one method per module")
         method = "loha" if factors & set(_LOHA_PARTS) else "lokr"
+        empty = [f"{p} {list(tf.shape(parts[p]))}" for p in sorted(factors) if 0 in tuple(tf.shape(parts[p]))]
+        if empty:
+            raise RankscopeError(f"{tf.path}: {method} module {name!r} has an empty factor ({', '.join(empty)}): "
+                                 "expected every dimension ≥ 1")
         flat, read, r, out_features, in_features = (_loha if method == "loha" else _lokr)(tf, name, parts)
         for part in factors:
             check_float_tensor(tf, parts[part], name)

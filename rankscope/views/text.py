@@ -44,7 +44,7 @@ def per_rank_lines(s: dict[str, Any]) -> list[str]:
     ]
     if undefined:
         lines.append(f"  per-rank view  undefined for the {undefined} LoHa / LoKr module(s): their ΔW is not a sum of "
-                     "rank-one B·A slots, so there are no slot norms; the spectral view below is exact")
+                     "rank-one B·A slots, so there are no slot norms; the spectral view is exact for them")
     return lines
 
 
@@ -155,7 +155,7 @@ def _config_lines(result: dict[str, Any]) -> list[str]:
     """Ready-to-paste configuration in the words of the tool that made the adapter."""
     peft = result["peft"]
     fmt = result["format"]
-    if fmt in ("peft", "diffusers-peft", "torchtune"):
+    if fmt in ("peft", "diffusers-peft", "torchtune", "peft-loha", "peft-lokr"):  # LoHa / LoKr: as resize writes it
         args = ", ".join(f"{key}={value!r}" for key, value in peft.items())
         return [f"  PEFT           LoraConfig({args})"]
     if fmt == "mlx":
