@@ -34,7 +34,7 @@ class Tiny(nn.Module):
         torch.manual_seed(0)
         self.q_proj = nn.Linear(32, 24)
         self.v_proj = nn.Linear(24, 24)
-        self.conv = nn.Conv2d(8, 12, 3)
+        self.conv = nn.Conv2d(16, 32, 3)
 
     def forward(self, x):
         return self.v_proj(self.q_proj(x))
@@ -56,7 +56,7 @@ def _peft_adapter(tmp_path, kind: str):
                             rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 7})
     else:  # q_proj: both halves factored (decompose_both); v_proj: w2 full (r ≥ half its size); conv: a 4-D w2
         config = LoKrConfig(r=2, alpha=3, target_modules=targets, decompose_both=True, decompose_factor=4,
-                            rank_pattern={"v_proj": 4})
+                            rank_pattern={"v_proj": 4}, use_effective_conv2d=True)  # conv: a Tucker w2 (lokr_t2)
     model = get_peft_model(Tiny(), config)
     _randomise([p for n, p in model.named_parameters() if ("hada_" in n or "lokr_" in n)], seed=1)
     model.save_pretrained(tmp_path / kind)
@@ -98,6 +98,8 @@ def test_peft_spectra_and_resize_match_a_dense_svd_and_peft_loads_the_lora(tmp_p
     from peft import PeftModel
 
     folder, deltas = _peft_adapter(tmp_path, kind)
+    core = "hada_t1" if kind == "loha" else "lokr_t2"  # the conv's Tucker core is there, and folded
+    assert any(key.endswith(core) for key in load_file(folder / "adapter_model.safetensors"))
     document = analyze(folder, progress=False)
     assert document["format"] == f"peft-{kind}"
     _check_spectra(document, deltas)
@@ -173,11 +175,13 @@ def _lycoris_adapter(tmp_path, algo: str, **kwargs):
 
 @pytest.mark.parametrize("algo, kwargs, fmt", [
     ("loha", {"use_tucker": True}, "lycoris"),
-    ("lokr", {"factor": 4, "decompose_both": True}, "lycoris"),
+    ("lokr", {"factor": 4, "decompose_both": True, "use_tucker": True}, "lycoris"),
     ("locon", {"use_tucker": True}, "kohya"),
 ])
 def test_lycoris_files_read_and_resize_to_kohya_lora(tmp_path, algo, kwargs, fmt):
     path, deltas = _lycoris_adapter(tmp_path, algo, **kwargs)
+    core = {"loha": "hada_t1", "lokr": "lokr_t2", "locon": "lora_mid.weight"}[algo]
+    assert any(key.endswith(core) for key in load_file(path))  # the conv's Tucker core
     document = analyze(path, progress=False)
     assert document["format"] == fmt
     modules = {m["name"]: m for m in document["snapshots"][-1]["modules"]}
@@ -198,8 +202,8 @@ def test_lycoris_files_read_and_resize_to_kohya_lora(tmp_path, algo, kwargs, fmt
     for name, delta in deltas.items():
         down = tensors[f"{name}.lora_down.weight"].astype(np.float64)
         up = tensors[f"{name}.lora_up.weight"].astype(np.float64)
-        if name.endswith("conv") and algo != "lokr":  # the kernel is known (Tucker core): kohya's conv layout
-            assert down.shape == (k, 8, 3, 3) and up.shape == (12, k, 1, 1)
+        if name.endswith("conv"):  # the kernel is known (a Tucker core): kohya's conv layout
+            assert down.shape == (k, 16, 3, 3) and up.shape == (32, k, 1, 1)
         scale = float(tensors[f"{name}.alpha"]) / k
         ours = scale * up.reshape(up.shape[0], -1) @ down.reshape(k, -1)
         assert np.abs(ours - _truncation(delta, k)).max() <= 1e-5 * np.abs(delta).max()
