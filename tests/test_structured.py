@@ -272,6 +272,9 @@ def test_a_structured_analysis_goes_through_every_view(tmp_path):
     paths = write_analysis(document, tmp_path / "report")
     assert {p.name for p in paths} >= {"analysis.json", "energy.png", "heatmap.png", "report.html"}
     assert "deciles.png" not in {p.name for p in paths}  # no slot norms to draw
+    from rankscope.io.validate import check_analysis
+
+    check_analysis(json.loads((tmp_path / "report" / "analysis.json").read_text()), "analysis.json")  # compare reads it
     assert all(m["importance"] is None and m["energy_rank"]["0.95"] >= 1 for m in document["snapshots"][0]["modules"])
     result = suggest(folder, energy=0.9)
     assert suggest_lines(result)

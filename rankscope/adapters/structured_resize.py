@@ -113,7 +113,7 @@ def structured_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str 
     finally:
         tf.close()
     methods = sorted({m.method for m in checkpoint.modules})
-    notes = [f"{' and '.join(x.replace('lo', 'Lo') for x in methods)} modules were turned into LoRA: each is the best "
+    notes = [f"{' and '.join({'loha': 'LoHa', 'lokr': 'LoKr'}[x] for x in methods)} modules were turned into LoRA: each is the best "
              f"rank-k approximation of its exact ΔW; the output is a {'kohya' if kohya else 'PEFT'} LoRA adapter"]
     if flat:
         notes.append(f"{len(flat)} conv module(s) ({flat[0]}{', ...' if len(flat) > 1 else ''}) store their factors "
