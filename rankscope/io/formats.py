@@ -173,6 +173,9 @@ class _Patterns:
         return _pattern_value(self.config.get(field) or {}, self.maps[field], field, name, default, self.source)
 
 
+ConfigPatterns = _Patterns  # the same rule for PEFT's LoHa / LoKr configs (rankscope.io.structured)
+
+
 def _pattern_value(patterns: dict, keys: PatternMap, field: str, name: str, default: Any, source: str) -> Any:
     if not patterns:
         return default

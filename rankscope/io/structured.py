@@ -30,14 +30,12 @@ import numpy as np
 
 from rankscope.errors import RankscopeError
 from rankscope.io.formats import (
-    _KOHYA_KEY,
-    _PEFT_KEY,
+    ConfigPatterns,
     LoraModule,
     ParsedCheckpoint,
-    _kohya_alpha,
-    _Patterns,
     check_float_tensor,
     parse_checkpoint,
+    per_rank_vector,
 )
 from rankscope.io.tensors import TensorFile
 from rankscope.io.validate import check_adapter_config
@@ -58,9 +56,12 @@ def structured_key_count(keys: list[str]) -> int:
     return sum(1 for k in keys if (m := _STRUCTURED_KEY.match(k)) and m["part"] not in ("alpha", "dora_scale"))
 
 
+_LORA_FACTOR = re.compile(r"\.(?:lora_A|lora_B|lora_down|lora_up|lora_embedding_A|lora_embedding_B)(?:\.|$)")
+
+
 def _lora_key_count(keys: list[str]) -> int:
-    return sum(1 for k in keys if ((m := _PEFT_KEY.match(k)) and m["part"] in ("lora_A", "lora_B"))
-               or ((m := _KOHYA_KEY.match(k)) and m["part"] in ("lora_down", "lora_up")))
+    """How many keys are LoRA factors (PEFT's lora_A / lora_B, kohya's lora_down / lora_up)."""
+    return sum(1 for k in keys if _LORA_FACTOR.search(k))
 
 
 def parse_any(tf: TensorFile, config: dict | None, format: str | None = None,
@@ -244,7 +245,7 @@ def parse_structured(tf: TensorFile, config: dict | None, format: str | None = N
     peft_type = (config or {}).get("peft_type")
     is_peft = format in ("peft-loha", "peft-lokr") or (format is None and (
         peft_type in ("LOHA", "LOKR") or not any("alpha" in parts for parts in groups.values())))
-    patterns = _Patterns(config or {}, config_source)
+    patterns = ConfigPatterns(config or {}, config_source)
     notes: set[str] = set()
     modules: list[LoraModule] = []
     claimed: set[str] = set()
@@ -295,7 +296,7 @@ def parse_structured(tf: TensorFile, config: dict | None, format: str | None = N
     return ParsedCheckpoint(fmt, modules, [k for k in keys if k not in claimed], sorted(notes))
 
 
-def _peft_scale(config: dict | None, name: str, r: int | None, notes: set[str], patterns: _Patterns) -> float:
+def _peft_scale(config: dict | None, name: str, r: int | None, notes: set[str], patterns: ConfigPatterns) -> float:
     """PEFT LoHa / LoKr: ``alpha / r`` of the module's (pattern-matched) config entries."""
     if config is None:
         notes.add("no adapter_config.json beside the weights: scale taken as 1")
@@ -318,5 +319,5 @@ def _lycoris_scale(tf: TensorFile, parts: dict[str, str], name: str, r: int | No
     """LyCORIS: ``alpha / r``; 1 without an alpha, with alpha 0, or for a LoKr with both halves full."""
     if "alpha" not in parts or r is None:
         return 1.0
-    alpha = _kohya_alpha(tf, parts["alpha"], name)
+    alpha = float(per_rank_vector(tf, parts["alpha"], 1, name, "the alpha")[0])
     return alpha / r if alpha else 1.0
