@@ -42,7 +42,8 @@ from rankscope.tasks.runconfig import read_run_config
 from rankscope.views.outputs import recommendation_lines, temporal_view, write_analysis, write_compare, write_sweep
 from rankscope.views.text import compare_lines, suggest_lines, summary_lines
 
-FORMAT_CHOICES = ["peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune", "gguf"]
+FORMAT_CHOICES = ["peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune", "gguf",
+                  "peft-loha", "peft-lokr", "lycoris"]  # the last three: rankscope.io.structured
 
 
 def _out(line: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from rankscope.adapters import structured_resize
 from rankscope.constants import ADAPTER_CONFIG, RESIZE_SCHEMA, SCORES_FILE, STATE_FILE, TRAINER_STATE
 from rankscope.errors import RankscopeError
 from rankscope.io.atomic import check_out, output_folder, write_chunks, write_json, write_with
@@ -216,20 +217,20 @@ def _new_factors(module: LoraModule, rule: dict[str, Any]) -> tuple[np.ndarray, 
     return A_new, B_new, k, imp.truncation_error(sigma, k), zero
 
 
-def _all_new_factors(checkpoint: Checkpoint, rule: dict[str, Any]) -> Iterator[tuple]:
+def _all_new_factors(checkpoint: Checkpoint, rule: dict[str, Any], compute=_new_factors) -> Iterator[tuple]:
     """:func:`_new_factors` of every module in order, a few modules at a time as ``analyze`` does (numpy
     releases the GIL; BLAS on one thread each), at most ``2 × threads`` results waiting to be encoded."""
     threads = analysis_threads()
     with one_blas_thread():
         if threads == 1 or len(checkpoint.modules) <= 8:
-            yield from (_new_factors(m, rule) for m in checkpoint.modules)
+            yield from (compute(m, rule) for m in checkpoint.modules)
             return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(threads) as pool:
             pending = deque()
             for module in checkpoint.modules:
-                pending.append(pool.submit(_new_factors, module, rule))
+                pending.append(pool.submit(compute, module, rule))
                 if len(pending) >= 2 * threads:
                     yield pending.popleft().result()
             while pending:
@@ -248,7 +249,10 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
         for module, (A_new, B_new, k, error, zero) in zip(checkpoint.modules, _all_new_factors(checkpoint, rule)):
             for role, array in (("A", A_new), ("B", B_new)):
                 key = module.keys[role]
-                stored = _stored(array, tf.shape(key), transposed)
+                like = tf.shape(key)
+                if role == "A" and "mid" in module.keys:  # LoCon's Tucker core is folded in: (k, in, kh, kw)
+                    like = (like[0], like[1], *tf.shape(module.keys["mid"])[2:])
+                stored = _stored(array, like, transposed)
                 kind = dtype or _writable(tf.dtype(key))
                 largest = float(np.abs(stored).max()) if stored.size else 0.0
                 if largest > _LARGEST[kind]:
@@ -387,9 +391,12 @@ def resize(adapter: str | os.PathLike | Checkpoint, out: str | os.PathLike, *, e
     _refuse_inexact(checkpoint)
     if checkpoint.format == GGUF_FORMAT:
         return _resize_gguf(checkpoint, out, rule, DTYPES[dtype], overwrite)
-    tensors, rows, ranks, notes = _tensor_entries(checkpoint, rule, DTYPES[dtype])
-    config = _config_for(checkpoint, rows, ranks)
-    metadata = _metadata(checkpoint, ranks) if source.suffix == ".safetensors" else {}
+    if structured_resize.is_structured(checkpoint):  # LoHa / LoKr: written as a LoRA adapter
+        tensors, rows, ranks, notes, config, metadata = _structured_plan(checkpoint, rule, DTYPES[dtype])
+    else:
+        tensors, rows, ranks, notes = _tensor_entries(checkpoint, rule, DTYPES[dtype])
+        config = _config_for(checkpoint, rows, ranks)
+        metadata = _metadata(checkpoint, ranks) if source.suffix == ".safetensors" else {}
     with output_folder(out, "adapter", replace=overwrite) as tmp:
         target = tmp / source.name
         if source.suffix in PICKLE_SUFFIXES:
@@ -494,6 +501,22 @@ def _retyped(field: Any, kinds: set[str]) -> Any:
     if field.key == "general.file_type" and len(kinds) == 1 and next(iter(kinds)) in _FILE_TYPES:
         return dataclasses.replace(field, value=_FILE_TYPES[next(iter(kinds))])
     return field
+
+
+def _structured_plan(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | None) -> tuple:
+    """(tensors, rows, ranks, notes, config, metadata) of the LoRA adapter written for a LoHa / LoKr one
+    (:mod:`rankscope.adapters.structured_resize`)."""
+    factors = _all_new_factors(checkpoint, rule, structured_resize.new_factors)
+    tensors, rows, ranks, notes = structured_resize.structured_entries(checkpoint, rule, dtype, factors)
+    config = structured_resize.lora_config(checkpoint, ranks)
+    metadata = {}
+    if checkpoint.path.suffix == ".safetensors":
+        tf = open_tensor_file(checkpoint.path)
+        metadata = dict(getattr(tf, "metadata", {}) or {})
+        tf.close()
+        if checkpoint.format == "lycoris":
+            metadata = structured_resize.kohya_metadata(metadata, checkpoint, ranks)
+    return tensors, [ResizedModule(**row) for row in rows], ranks, notes, config, metadata
 
 
 def evaluate_resize(original: Checkpoint, resized: str | os.PathLike, model_spec: str | None = None, data: str | None = None,

@@ -29,7 +29,8 @@ _PEFT_KEY = re.compile(
     r"^(?P<name>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_E|"
     r"lora_magnitude_vector|lora_gate|ranknum)(?:\.(?P<adapter>[^.]+))??(?:\.(?P<param>weight|bias))?$"
 )
-_KOHYA_KEY = re.compile(r"^(?P<name>lora_(?:unet|te\d?)_.+?)\.(?P<part>lora_down|lora_up|alpha|dora_scale)(?:\.weight)?$")
+_KOHYA_KEY = re.compile(r"^(?P<name>(?:lora_(?:unet|te\d?)|lycoris)_.+?)\.(?P<part>lora_down|lora_up|lora_mid|alpha|dora_scale)"
+                        r"(?:\.weight)?$")
 _DIFFUSERS_LEGACY_KEY = re.compile(r"^(?P<name>.+?)(?:_lora|\.lora_linear_layer|\.lora)\.(?P<part>down|up|alpha)(?:\.weight)?$")
 _MLX_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_a|lora_b|m)$")
 _TORCHTUNE_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_a|lora_b|magnitude)\.weight$")
@@ -37,7 +38,7 @@ _TORCHTUNE_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_a|lora_b|magnitude)\.
 _PART_ROLES = {
     "lora_A": "A", "lora_embedding_A": "A", "lora_down": "A", "down": "A", "lora_a": "A",
     "lora_B": "B", "lora_embedding_B": "B", "lora_up": "B", "up": "B", "lora_b": "B",
-    "lora_E": "E", "alpha": "alpha", "lora_gate": "gate", "ranknum": "ranknum",
+    "lora_E": "E", "alpha": "alpha", "lora_mid": "mid", "lora_gate": "gate", "ranknum": "ranknum",
     "lora_magnitude_vector": "magnitude", "dora_scale": "magnitude", "m": "magnitude", "magnitude": "magnitude",
 }
 _DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "prior.")
@@ -67,14 +68,28 @@ class LoraModule:
     keys: dict[str, str] = field(default_factory=dict)  # role ("A", "B", "alpha", "E", ...) -> tensor name
     _read_A: Callable[[], np.ndarray] = field(default=None, repr=False)
     _read_B: Callable[[], np.ndarray] = field(default=None, repr=False)
+    # LoHa / LoKr (rankscope.io.structured): ΔW is built from other factors than one B A, read by _read_parts;
+    # rank is then the largest rank ΔW can have, and structure says what was stored.
+    method: str = "lora"  # "lora", "loha" or "lokr"
+    structure: dict[str, Any] | None = None
+    _read_parts: Callable[[], dict[str, np.ndarray]] = field(default=None, repr=False)
 
     @property
     def A(self) -> np.ndarray:
+        if self._read_A is None:
+            raise RankscopeError(f"{self.name} is a {self.method} module: its update has no A/B factors to read")
         return self._read_A()
 
     @property
     def B(self) -> np.ndarray:
+        if self._read_B is None:
+            raise RankscopeError(f"{self.name} is a {self.method} module: its update has no A/B factors to read")
         return self._read_B()
+
+    @property
+    def parts(self) -> dict[str, np.ndarray]:
+        """A LoHa / LoKr module's 2-D factors (see :mod:`rankscope.maths.structured`)."""
+        return self._read_parts()
 
     @property
     def coefficients(self) -> np.ndarray | None:
@@ -156,6 +171,9 @@ class _Patterns:
         """PEFT's own rule (``peft.utils.other.get_pattern_key``): the first key, in order, that matches a name
         ending in '.' + key; matched in bounded time (:mod:`rankscope.io.patterns`), a key past the bound refused."""
         return _pattern_value(self.config.get(field) or {}, self.maps[field], field, name, default, self.source)
+
+
+ConfigPatterns = _Patterns  # the same rule for PEFT's LoHa / LoKr configs (rankscope.io.structured)
 
 
 def _pattern_value(patterns: dict, keys: PatternMap, field: str, name: str, default: Any, source: str) -> Any:
@@ -251,6 +269,8 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
                 )
             rank, out_features = a_shape[0], b_shape[0]
             in_features = int(np.prod(a_shape[1:]))
+            if "mid" in parts:  # LyCORIS LoCon with a Tucker core: folded into A (a plain conv LoRA then)
+                in_features = _tucker_in_features(tf, parts, name, a_shape)
         if rank == 0:
             empty.append(name)  # its tensors stay unclaimed: counted with the skipped ones
             continue
@@ -264,11 +284,15 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         for role in ("A", "B"):
             check_float_tensor(tf, parts[role], name)
         claimed.update(parts.values())
+        if "mid" in parts:
+            check_float_tensor(tf, parts["mid"], name)
+            notes.add("LoCon modules with a Tucker core (lora_mid): the core is folded into lora_down, "
+                      "so each is an exact conv LoRA (A flattened to (r, in·kh·kw))")
         layer_type = "conv" if len(a_shape) > 2 else "embedding" if "lora_embedding_A" in parts["A"] else "linear"
         module = LoraModule(
             name=name, rank=rank, scale=1.0, in_features=in_features, out_features=out_features,
             stored_dtype=tf.dtype(parts["A"]), layer_type=layer_type, dora="magnitude" in parts,
-            _read_A=_oriented(tf, parts["A"], transpose, flatten=True),
+            _read_A=_tucker_down(tf, parts) if "mid" in parts else _oriented(tf, parts["A"], transpose, flatten=True),
             _read_B=_oriented(tf, parts["B"], transpose, flatten=True), keys=dict(parts),
         )
         if "B_bias" in parts:
@@ -299,6 +323,30 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         )
     skipped = [k for k in keys if k not in claimed]
     return ParsedCheckpoint(fmt, modules, skipped, sorted(notes))
+
+
+def _tucker_in_features(tf: TensorFile, parts: dict[str, str], name: str, a_shape: tuple[int, ...]) -> int:
+    """in·kh·kw of a LoCon module with lora_down (r, in, 1, 1) and lora_mid (r, r, kh, kw); checks the shapes."""
+    mid = tf.shape(parts["mid"])
+    r = a_shape[0]
+    if len(a_shape) != 4 or any(d != 1 for d in a_shape[2:]) or len(mid) != 4 or tuple(mid[:2]) != (r, r):
+        raise RankscopeError(f"{tf.path}: module {name!r} has lora_down {list(a_shape)} and lora_mid {list(mid)}: "
+                             "expected LyCORIS's Tucker layout, lora_down (r, in, 1, 1) and lora_mid (r, r, kh, kw)")
+    return int(a_shape[1] * mid[2] * mid[3])
+
+
+def _tucker_down(tf: TensorFile, parts: dict[str, str]) -> Callable[[], np.ndarray]:
+    """A (r, in·kh·kw) of a LoCon module: ``A[a, (i, k)] = Σ_b mid[a, b, k] · down[b, i]`` (the 1×1 down conv, then
+    the kh×kw mid conv, composed into one kernel)."""
+
+    def read() -> np.ndarray:
+        down = np.asarray(tf[parts["A"]], dtype=np.float64)
+        mid = np.asarray(tf[parts["mid"]], dtype=np.float64)
+        down = down.reshape(down.shape[0], down.shape[1])
+        folded = np.einsum("abk,bi->aik", mid.reshape(mid.shape[0], mid.shape[1], -1), down)
+        return folded.reshape(folded.shape[0], -1)
+
+    return read
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")

@@ -23,10 +23,11 @@ from rankscope.constants import (
     TRAINER_STATE,
 )
 from rankscope.errors import RankscopeError
-from rankscope.io.formats import LoraModule, parse_checkpoint, per_rank_vector
+from rankscope.io.formats import LoraModule, per_rank_vector
 from rankscope.io.gguf import GGUF_SUFFIX, GgufFile, is_gguf
 from rankscope.io.gguf_lora import parse_gguf_checkpoint
 from rankscope.io.hub import resolve_local
+from rankscope.io.structured import parse_any
 from rankscope.io.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, SafetensorsFile, open_tensor_file
 from rankscope.io.trace import find_trace, is_trace_file
 from rankscope.io.validate import (
@@ -231,7 +232,7 @@ def load_checkpoint(weights: Path, step: int | None = None, format: str | None =
     config_path = weights.parent / ADAPTER_CONFIG
     config = _read_object(config_path, ADAPTER_CONFIG_WHAT) if os.path.lexists(config_path) else None
     tensors = open_tensor_file(weights)
-    parsed = parse_checkpoint(tensors, config, format, config_path=str(config_path))
+    parsed = parse_any(tensors, config, format, config_path=str(config_path))  # LoRA formats, LoHa / LoKr
     notes = list(parsed.notes)
     scores_path = weights.parent / SCORES_FILE
     if os.path.lexists(scores_path):

@@ -22,6 +22,7 @@ from rankscope.io.formats import LoraModule
 from rankscope.io.loading import Checkpoint, Series, SnapshotRef, discover
 from rankscope.io.trace import index_records, iter_records, last_record
 from rankscope.maths import importance as imp
+from rankscope.maths import structured
 from rankscope.maths.verdict import utilisation_verdict
 from rankscope.progress import progress_bar
 
@@ -33,6 +34,9 @@ SPECTRAL_RATIOS = ("energy_rank_ratio", "stable_rank_ratio", "spectral_effective
 
 def spectrum_meaning(module: LoraModule) -> str:
     """What the module's ``spectrum`` holds the singular values of, in words (where it is not plain scale·B A)."""
+    if module.method != "lora":
+        return STRUCTURED_MEANING[module.method] + (" (conv kernel flattened to (out, in·kh·kw))"
+                                                    if module.layer_type == "conv" else "")
     if module.E is not None:
         return "scale·B·diag(E)·A: AdaLoRA's update, E holding its learned singular values"
     if module.rank_weights is not None:
@@ -102,6 +106,8 @@ def module_entry(module: LoraModule, importance: np.ndarray | None, spectrum: np
 
 def analyze_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
     """Importance, deciles and spread of one module, as a JSON-ready dict."""
+    if module.method != "lora":
+        return analyze_structured_module(module, spectrum)
     # Widened to float64 once here, not again inside each importance function.
     with np.errstate(invalid="ignore"):  # a signalling NaN in fp16 warns when widened; it is reported below
         A, B = np.asarray(module.A, dtype=np.float64), np.asarray(module.B, dtype=np.float64)
@@ -145,11 +151,12 @@ def _group_medians(modules: list[dict[str, Any]], key: str, spectral: dict[int, 
         groups[m[key]].append(m)
     out = {}
     for label, ms in groups.items():
+        slots = [m for m in ms if m.get("importance") is not None]  # LoHa / LoKr modules have no per-rank view
         entry = {
             "modules": len(ms),
-            "deciles": imp.decile_band(np.array([m["deciles"] for m in ms])),
-            "top10_share": imp.band(m["top10_share"] for m in ms)["median"],
-            "effective_rank_ratio": imp.band(m["effective_rank"] / m["rank"] for m in ms)["median"],
+            "deciles": imp.decile_band(np.array([m["deciles"] for m in slots])),
+            "top10_share": imp.band(m["top10_share"] for m in slots)["median"],
+            "effective_rank_ratio": imp.band(m["effective_rank"] / m["rank"] for m in slots)["median"],
         }
         for name in SPECTRAL_RATIOS:
             entry[name] = imp.band(spectral[id(m)][name] for m in ms if id(m) in spectral)["median"]
@@ -169,8 +176,10 @@ def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
     ranks = sorted({m["rank"] for m in modules})
     scales = sorted({round(m["scale"], 12) for m in modules})
     uniform_top = [min(1.0, max(1, np.ceil(TOP_FRACTION * m["rank"] - 1e-9)) / m["rank"]) for m in good]
-    spectral = {id(m): ratios for m in good if (ratios := spectral_ratios(m)) is not None}
-    with_spectrum = [m for m in good if id(m) in spectral]
+    # LoHa / LoKr modules have a spectrum and no per-rank view (importance null): counted here, not in ``good``
+    spectral = {id(m): ratios for m in modules if (ratios := spectral_ratios(m)) is not None}
+    with_spectrum = [m for m in modules if id(m) in spectral]
+    grouped = [m for m in modules if m.get("importance") is not None or id(m) in spectral]
     summary: dict[str, Any] = {
         "modules": len(modules),
         "ranks": ranks,
@@ -191,10 +200,13 @@ def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
                                           imp.ENERGY_GRID.size)},
         "full_rank_modules": sum(1 for m in with_spectrum if m["energy_rank"][ENERGY_KEY] == m["rank"]),
         "zero_modules": sum(1 for m in with_spectrum if m["energy_rank"][ENERGY_KEY] == 0),
-        "by_layer": _group_medians(good, "layer", spectral),
-        "by_kind": _group_medians(good, "kind", spectral),
+        "by_layer": _group_medians(grouped, "layer", spectral),
+        "by_kind": _group_medians(grouped, "kind", spectral),
         "errors": [m["error"] for m in modules if "error" in m],
     }
+    undefined = sum(1 for m in modules if m.get("per_rank_undefined"))
+    if undefined:
+        summary["per_rank_undefined"] = undefined
     summary["verdict"] = utilisation_verdict(summary)
     return summary
 
@@ -399,3 +411,46 @@ _DORA_NOTE = ("DoRA adapter: its update also rescales each output by a learned m
 
 _BEAMLORA_NOTE = ("BeamLoRA run: w = r·softmax(s/T) is folded into each importance and spectrum (as in its "
                   "snapshots); raw scores s are attached")
+
+
+# ----------------------------------------------------------------------------- LoHa / LoKr
+
+STRUCTURED_MEANING = {
+    "loha": "scale·(W1a·W1b)⊙(W2a·W2b): LoHa's Hadamard product, through its face-splitting factors of rank r1·r2",
+    "lokr": "scale·kron(W1, W2): LoKr's Kronecker product, each singular value a product σ_i(W1)·σ_j(W2)",
+}
+PER_RANK_UNDEFINED = ("undefined for {method}: ΔW is not a sum of rank-one B·A slots, so there are no slot norms "
+                      "(the spectral view is exact)")
+_METHOD_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
+
+
+def analyze_structured_module(module: LoraModule, spectrum: bool = True) -> dict[str, Any]:
+    """A LoHa / LoKr module: the spectral view through its structure (:mod:`rankscope.maths.structured`); the
+    per-rank fields are null with the reason in ``per_rank_undefined``."""
+    with np.errstate(invalid="ignore"):
+        parts = module.parts
+    bad = [what for what, x in parts.items() if not np.isfinite(x).all()]
+    if bad or not math.isfinite(module.scale):
+        return module_entry(module, None, error=nonfinite_error(module.name, [f"factor {b}" for b in bad]))
+    spectral = None
+    if spectrum:
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                spectral = structured.spectrum(module.method, parts, module.scale)
+            except np.linalg.LinAlgError:  # LAPACK met Inf from an overflow
+                spectral = np.full(module.rank, np.inf)
+        if not np.isfinite(spectral).all():
+            return module_entry(module, None, error=(
+                f"the update of {module.name} overflows float64: its factors are finite but scale "
+                f"{module.scale:.3g} times their product is not: no spectrum can be computed for this module"))
+    entry = module_entry(module, None)
+    del entry["error"]
+    entry.update(method=module.method, structure=module.structure, top10_share=None, effective_rank=None, gini=None,
+                 per_rank_undefined=PER_RANK_UNDEFINED.format(method=_METHOD_NAMES[module.method]))
+    if spectral is not None:
+        entry["spectrum"] = spectral.tolist()
+        entry["spectrum_of"] = spectrum_meaning(module)
+        entry["energy_rank"] = imp.energy_ranks(spectral)
+        entry["stable_rank"] = imp.stable_rank(spectral)
+        entry["spectral_effective_rank"] = imp.spectral_effective_rank(spectral)
+    return entry

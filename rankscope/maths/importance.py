@@ -13,7 +13,7 @@ No d×k matrix is ever built. Everything is computed in float64 whatever the sto
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def update_spectrum(A: np.ndarray, B: np.ndarray, scale: float = 1.0, coefficien
     return np.pad(np.abs(values), (0, r - values.size))
 
 
-def truncated_factors(A: np.ndarray, B: np.ndarray, keep: int,
+def truncated_factors(A: np.ndarray, B: np.ndarray, keep: int | Callable[[np.ndarray], int],
                       coefficients: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A', B', σ): the best rank-``keep`` approximation of ``B diag(c) A`` as ``B' A'`` (Eckart–Young).
 
@@ -107,7 +107,7 @@ def truncated_factors(A: np.ndarray, B: np.ndarray, keep: int,
     y_b, m_b, r_b = _basis(B64)
     y_a, m_a, r_a = _basis(A64.T)
     u, sigma, vt = np.linalg.svd(r_b @ r_a.T)
-    k = max(0, min(keep, sigma.size))
+    k = max(0, min(keep(sigma) if callable(keep) else keep, sigma.size))  # keep: a rank, or the rule picking it
     root = np.sqrt(sigma[:k])
     B_new = y_b @ (m_b @ (u[:, :k] * root))
     A_new = ((root[:, None] * vt[:k]) @ m_a.T) @ y_a.T

@@ -149,6 +149,9 @@ def suggest(path: str | os.PathLike | Checkpoint, energy: float = 0.95, format: 
                      "consider removing them from target_modules")
     notes.append("an energy threshold is conservative against a task metric: check the suggestion on your task "
                  "(rankscope sweep, or rankscope resize --validate)")
+    if any(m.method != "lora" for m in checkpoint.modules):
+        notes.append("LoHa / LoKr modules: the ranks are those of the LoRA that rankscope resize writes from them "
+                     "(ΔW's rank, out of the largest it can have), not a LoHa / LoKr r")
     uniform_errors = [imp.truncation_error(m["spectrum"], min(r, m["rank"])) for m in modules]
     ranks = [row["suggested"] for row in rows]
     rslora = bool((checkpoint.config or {}).get("use_rslora"))

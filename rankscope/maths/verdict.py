@@ -72,6 +72,10 @@ def utilisation_verdict(summary: dict[str, Any]) -> dict[str, Any]:
     """
     per_rank, spectral = _per_rank_category(summary), _spectral_category(summary)
     n, errors = summary["modules"], len(summary["errors"])
+    if per_rank is None and spectral is None and summary.get("per_rank_undefined"):  # LoHa / LoKr, --no-spectrum
+        return {"per_rank": None, "spectral": None,
+                "sentence": "the per-rank view is undefined for LoHa / LoKr modules and the spectral view was not "
+                            "computed: nothing to say about their rank use (drop --no-spectrum)"}
     if per_rank is None and spectral in (None, "zero"):
         if errors and errors == n:
             diverged = sum("NaN or Inf" in e for e in summary["errors"])

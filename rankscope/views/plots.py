@@ -217,13 +217,14 @@ def plot_layer_kind_heatmap(summary: dict[str, Any], modules: list[dict[str, Any
     fewer directions). The right panel is left out when no spectrum was computed. Each cell holds its
     value when the grid is small enough to read it (see :func:`annotation_size`)."""
     good = [m for m in modules if m.get("importance") is not None]
-    spectral = [m for m in good if m.get("energy_rank")]
-    shares, layers, kinds = _layer_kind_grid(good, lambda m: m["top10_share"])
-    panels = [(shares, "Per-rank view: top-10% share of slot norms", "top-10% share (bottom = all slots equal)", "viridis",
+    spectral = [m for m in modules if m.get("energy_rank") and "error" not in m]  # LoHa / LoKr: spectral only
+    shown = [m for m in modules if m.get("importance") is not None or (m.get("energy_rank") and "error" not in m)]
+    shares, layers, kinds = _layer_kind_grid(shown, lambda m: m["top10_share"])
+    panels = [] if spectral and not good else [(shares, "Per-rank view: top-10% share of slot norms", "top-10% share (bottom = all slots equal)", "viridis",
                float(summary.get("top10_share_uniform", np.nanmin(shares) if np.isfinite(shares).any() else 0)),
                float(np.nanmax(shares)) if np.isfinite(shares).any() else 1.0, ".3f")]
     if spectral:
-        energy, _, _ = _layer_kind_grid(good, lambda m: m["energy_rank"]["0.95"] / m["rank"]
+        energy, _, _ = _layer_kind_grid(shown, lambda m: m["energy_rank"]["0.95"] / m["rank"]
                                         if m.get("energy_rank") else None)
         panels.append((energy, "Spectral view: k95 / r", "share of the rank holding 95% of ΔW's energy", "magma",
                        0.0, 1.0, ".3g"))  # k / r exactly: 1, 0.5, 0.125
@@ -256,8 +257,10 @@ def plot_analysis(document: dict[str, Any], out_dir: str | os.PathLike) -> list[
     last = document["snapshots"][-1]
     step = f" at step {last['step']}" if last["step"] is not None else ""
     name = Path(document["path"]).name or document["path"]
-    paths = [plot_decile_curves({name: last["summary"]["deciles"]}, out_dir / "deciles.png",
-                                f"Per-rank view: slot norms by decile{step}\n{name}")]
+    paths = []
+    if last["summary"].get("per_rank_undefined", 0) < last["summary"]["modules"]:  # LoHa / LoKr: no slot norms
+        paths.append(plot_decile_curves({name: last["summary"]["deciles"]}, out_dir / "deciles.png",
+                                        f"Per-rank view: slot norms by decile{step}\n{name}"))
     if last["summary"].get("spectral_modules"):
         paths.append(plot_energy_curves({name: last["summary"]["energy_curve"]}, out_dir / "energy.png",
                                         f"Spectral view: cumulative energy of ΔW{step}\n{name}"))

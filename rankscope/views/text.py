@@ -31,6 +31,23 @@ def directions_line(summary: dict[str, Any]) -> str:
             f"{fmt(summary['spectral_effective_rank_ratio']['median'], 2)}")
 
 
+def per_rank_lines(s: dict[str, Any]) -> list[str]:
+    """The per-rank view's lines of a summary; for LoHa / LoKr modules, that it is undefined for them."""
+    undefined = s.get("per_rank_undefined", 0)
+    lines = [] if undefined == s["modules"] else [
+        "  " + PER_RANK_HEADER,
+        f"  top-10% share  {band_text(s['top10_share'])}   uniform would be {fmt(s['top10_share_uniform'])}",
+        f"  eff. rank / r  {band_text(s['effective_rank_ratio'])}   (entropy-based; 1 = all slots equal)",
+        f"  gini           {band_text(s['gini'])}",
+        "  deciles        " + " ".join(fmt(x, 2) for x in s["deciles"]["median"])
+        + "   (median over modules, 0%..100%, / module's largest)",
+    ]
+    if undefined:
+        lines.append(f"  per-rank view  undefined for the {undefined} LoHa / LoKr module(s): their ΔW is not a sum of "
+                     "rank-one B·A slots, so there are no slot norms; the spectral view is exact for them")
+    return lines
+
+
 def summary_lines(document: dict[str, Any]) -> list[str]:
     """The terminal summary of an analysis document: the last snapshot in both views, plus the series' span."""
     snapshots = document["snapshots"]
@@ -47,13 +64,8 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         f"rankscope: {where}",
         f"  modules        {s['modules']}   ranks {ranks}   scale {scales}   ({s['total_ranks']} ranks in all"
         + (f"; {last['skipped']} non-LoRA tensors skipped)" if last["skipped"] else ")"),
-        "  " + PER_RANK_HEADER,
-        f"  top-10% share  {band_text(s['top10_share'])}   uniform would be {fmt(s['top10_share_uniform'])}",
-        f"  eff. rank / r  {band_text(s['effective_rank_ratio'])}   (entropy-based; 1 = all slots equal)",
-        f"  gini           {band_text(s['gini'])}",
-        "  deciles        " + " ".join(fmt(x, 2) for x in s["deciles"]["median"])
-        + "   (median over modules, 0%..100%, / module's largest)",
     ]
+    lines += per_rank_lines(s)
     if s.get("spectral_modules"):
         lines += [
             "  " + SPECTRAL_HEADER,
@@ -143,7 +155,7 @@ def _config_lines(result: dict[str, Any]) -> list[str]:
     """Ready-to-paste configuration in the words of the tool that made the adapter."""
     peft = result["peft"]
     fmt = result["format"]
-    if fmt in ("peft", "diffusers-peft", "torchtune", "gguf"):
+    if fmt in ("peft", "diffusers-peft", "torchtune", "gguf", "peft-loha", "peft-lokr"):  # LoHa / LoKr: as resize writes it
         args = ", ".join(f"{key}={value!r}" for key, value in peft.items())
         lines = [f"  PEFT           LoraConfig({args})"]
         if fmt == "gguf":  # convert_lora_to_gguf.py makes GGUF adapters from PEFT ones
