@@ -31,6 +31,14 @@ def directions_line(summary: dict[str, Any]) -> str:
             f"{fmt(summary['spectral_effective_rank_ratio']['median'], 2)}")
 
 
+def scale_sources_text(sources: list[str]) -> str:
+    """Where the scales were read from, after them: `` (lora_adapter_metadata)``; a few at most."""
+    if not sources:
+        return ""
+    shown = "; ".join(sources[:3]) + (f"; +{len(sources) - 3} more" if len(sources) > 3 else "")
+    return f" ({shown})"
+
+
 def summary_lines(document: dict[str, Any]) -> list[str]:
     """The terminal summary of an analysis document: the last snapshot in both views, plus the series' span."""
     snapshots = document["snapshots"]
@@ -42,7 +50,7 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         where += f", {document['layout']}, {len(snapshots)} snapshots, steps {steps[0]}–{steps[-1]}; showing the last"
     where += ")"
     ranks = ", ".join(map(str, s["ranks"]))
-    scales = ", ".join(f"{x:g}" for x in s["scales"])
+    scales = ", ".join(f"{x:g}" for x in s["scales"]) + scale_sources_text(s.get("scale_sources") or [])
     lines = [
         f"rankscope: {where}",
         f"  modules        {s['modules']}   ranks {ranks}   scale {scales}   ({s['total_ranks']} ranks in all"
