@@ -21,7 +21,7 @@ import numpy as np
 from rankscope.errors import RankscopeError
 from rankscope.io.patterns import PatternError, PatternMap, PatternTooSlow, pattern_map
 from rankscope.io.tensors import TensorFile
-from rankscope.io.validate import check_adapter_config, check_temperature, describe, is_number, parse_json
+from rankscope.io.validate import check_adapter_config, check_temperature, describe, parse_json
 
 FORMATS = ("peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune", "comfyui", "peft-enable-lora",
            "lora-diffusion", "lora-vit")
