@@ -371,7 +371,7 @@ def _metadata(checkpoint: Checkpoint, ranks: dict[str, int]) -> dict[str, str]:
     tf = open_tensor_file(checkpoint.path)
     metadata = dict(getattr(tf, "metadata", {}) or {})
     tf.close()
-    if checkpoint.format == "kohya":
+    if checkpoint.format in ("kohya", "comfyui"):  # explicit alpha tensors were written: the network's values follow
         dims = set(ranks.values())
         alphas = {round(m.scale * ranks[m.name], 10) for m in checkpoint.modules}
         if "ss_network_dim" in metadata:
