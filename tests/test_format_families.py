@@ -318,3 +318,45 @@ def test_unplaced_file_lists_its_keys(tmp_path):
     done = run_cli("analyze", path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "unet|1|down" in done.stderr and "w_c_000" in done.stderr and "w_a_NNN" in done.stderr
+
+
+# ----------------------------------------------------------------------------- older layouts: resize writes them back
+
+
+def test_lora_diffusion_resize_rewrites_its_rank_metadata(tmp_path):
+    # cloneofsimo's save_safeloras_with_embeds layout (lora_diffusion/lora.py): `<name>:<i>:up` / `:down`, metadata
+    # `<name>:<i>:rank`, the target modules as JSON under `<name>`, and each token embedding flagged "<embed>"
+    rng = np.random.default_rng(1)
+    A0, B0 = _pair(rng, 4, 6, 5)
+    A1 = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)  # LoraInjectedConv2d: down is a conv kernel, up 1×1
+    B1 = rng.normal(size=(7, 4, 1, 1)).astype(np.float32)
+    path = tmp_path / "lora.safetensors"
+    save_file({"unet:0:down": A0, "unet:0:up": B0, "unet:1:down": A1, "unet:1:up": B1, "<s1>": np.ones(6, np.float32)},
+              path, metadata={"unet:0:rank": "4", "unet:1:rank": "4", "unet": '["CrossAttention"]', "<s1>": "<embed>"})
+    checkpoint = rankscope.load(path)
+    assert checkpoint.format == "lora-diffusion" and checkpoint.skipped == ["<s1>"]
+    assert {(m.name, m.rank, m.in_features, m.out_features) for m in checkpoint.modules} == {("unet:0", 4, 6, 5),
+                                                                                              ("unet:1", 4, 27, 7)}
+    resize(path, tmp_path / "out", rank=2)
+    with safe_open(tmp_path / "out" / path.name, "np") as f:
+        assert f.metadata()["unet:0:rank"] == "2" and f.metadata()["unet:1:rank"] == "2"
+        assert f.get_tensor("unet:1:down").shape == (2, 3, 3, 3) and f.get_tensor("unet:1:up").shape == (7, 2, 1, 1)
+    out = rankscope.load(tmp_path / "out")
+    for name, (A, B) in {"unet:0": (A0, B0), "unet:1": (A1.reshape(4, -1), B1.reshape(7, 4))}.items():
+        np.testing.assert_allclose(out[name].B.astype(np.float64) @ out[name].A, _truncated(B.astype(np.float64) @ A, 2),
+                                   rtol=1e-4, atol=1e-5)
+    # a rank in the metadata that is not its tensor's is refused, not guessed around
+    save_file({"unet:0:down": A0, "unet:0:up": B0}, tmp_path / "bad.safetensors", metadata={"unet:0:rank": "3"})
+    with pytest.raises(RankscopeError, match="metadata unet:0:rank"):
+        rankscope.load(tmp_path / "bad.safetensors")
+
+
+def test_lora_vit_resize_keeps_its_index_names(real_fixtures, tmp_path):
+    path = real_fixtures / "lora-vit-sam" / "lora_rank4.safetensors"
+    raw = load_file(path)
+    resize(path, tmp_path / "out", rank=2)
+    written = load_file(tmp_path / "out" / path.name)
+    assert sorted(written) == sorted(raw) and written["w_a_011"].shape == (2, 768) and written["w_b_011"].shape == (768, 2)
+    original = raw["w_b_011"].astype(np.float64) @ raw["w_a_011"]
+    np.testing.assert_allclose(written["w_b_011"].astype(np.float64) @ written["w_a_011"], _truncated(original, 2),
+                               atol=1e-5 * np.abs(original).max())
