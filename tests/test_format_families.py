@@ -360,3 +360,14 @@ def test_lora_vit_resize_keeps_its_index_names(real_fixtures, tmp_path):
     original = raw["w_b_011"].astype(np.float64) @ raw["w_a_011"]
     np.testing.assert_allclose(written["w_b_011"].astype(np.float64) @ written["w_a_011"], _truncated(original, 2),
                                atol=1e-5 * np.abs(original).max())
+
+
+def test_forced_family_without_its_pairs_lists_the_keys(tmp_path):
+    path = tmp_path / "peft.safetensors"
+    save_file({"q.lora_A.weight": np.zeros((2, 3), np.float32), "q.lora_B.weight": np.zeros((3, 2), np.float32)}, path)
+    for fmt in ("lora-vit", "lora-diffusion", "comfyui"):
+        if fmt == "comfyui":  # comfyui also reads PEFT part names: a lone A has no pair
+            save_file({"diffusion_model.x.lora_A.weight": np.zeros((2, 3), np.float32)}, path)
+        with pytest.raises(RankscopeError, match=r"holds \d+ tensors \(.*lora_A\.weight.*\) but no") as error:
+            rankscope.load(path, format=fmt)
+        assert "\n" not in str(error.value)

@@ -224,6 +224,11 @@ def _oriented(tf: TensorFile, key: str, transpose: bool, flatten: bool) -> Calla
     return read
 
 
+def _sample(keys: list[str]) -> str:
+    """A few of a file's tensor names, for an error that says what the file holds."""
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
 def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = None,
                      config_path: str | None = None) -> ParsedCheckpoint:
     """Find every LoRA module in ``tf``. ``config`` is the adapter_config.json beside it (read from
@@ -237,9 +242,8 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
     keys = list(tf)
     fmt = format or detect_format(keys, config, getattr(tf, "metadata", None))
     if fmt == "unknown":
-        sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
         raise RankscopeError(
-            f"{tf.path} holds {len(keys)} tensors ({sample}) but no LoRA pairs: expected keys such as "
+            f"{tf.path} holds {len(keys)} tensors ({_sample(keys)}) but no LoRA pairs: expected keys such as "
             "'<module>.lora_A.weight' / '<module>.lora_B.weight' (PEFT), '.lora_down' / '.lora_up' (kohya), "
             "'.lora_a' / '.lora_b' (mlx-lm, torchtune), 'unet:N:down' / 'unet:N:up' (lora_diffusion), "
             "'w_a_NNN' / 'w_b_NNN' (LoRA-ViT)"
@@ -339,7 +343,7 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
                              "expected A (r, in) and B (out, r) with r ≥ 1")
     if not modules:
         raise RankscopeError(
-            f"{tf.path} holds {len(keys)} tensors but no complete LoRA pair for format {fmt}: "
+            f"{tf.path} holds {len(keys)} tensors ({_sample(keys)}) but no complete LoRA pair for format {fmt}: "
             "expected each module to have both its A (down) and B (up) matrix"
         )
     skipped = [k for k in keys if k not in claimed]
