@@ -371,3 +371,14 @@ def test_forced_family_without_its_pairs_lists_the_keys(tmp_path):
         with pytest.raises(RankscopeError, match=r"holds \d+ tensors \(.*lora_A\.weight.*\) but no") as error:
             rankscope.load(path, format=fmt)
         assert "\n" not in str(error.value)
+
+
+def test_suggest_speaks_each_family(real_fixtures):
+    from rankscope.maths.suggest import suggest
+    from rankscope.views.text import suggest_lines
+
+    result = suggest(real_fixtures / "peft-bloom-enable-lora", energy=0.9)
+    r = max(row["suggested"] for row in result["modules"])
+    assert f"  PEFT 0.2       r={r}, lora_alpha={2 * r}" in suggest_lines(result)[-1]  # one r: PEFT 0.2 has no patterns
+    result = suggest(real_fixtures / "lora-vit-sam", energy=0.9)
+    assert suggest_lines(result)[-1].startswith("  ranks          w_000: ")

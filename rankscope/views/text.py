@@ -159,6 +159,18 @@ def _config_lines(result: dict[str, Any]) -> list[str]:
         return [f"  mlx-lm         \"lora_parameters\": {{\"rank\": {peft['r']}, \"scale\": {scale:g}}}   "
                 "(mlx-lm takes one rank for all modules; rank_pattern below is per module)",
                 f"  rank_pattern   {peft['rank_pattern']!r}"]
+    rows = result["modules"]
+    if fmt == "peft-enable-lora":  # PEFT 0.2's MergedLinear: one r for every module, no rank_pattern
+        r = max(row["suggested"] for row in rows)
+        scales = {row["scale"] for row in rows}
+        alpha = f"{scales.pop() * r:g}" if len(scales) == 1 else "scale·r"
+        return [f"  PEFT 0.2       r={r}, lora_alpha={alpha} (enable_lora adapters take one r for all modules: the largest "
+                "suggested; rankscope resize writes it with the smaller ranks zero-padded)"]
+    if fmt in ("lora-diffusion", "lora-vit"):  # no alpha: the rank alone (lora_diffusion keeps it in `<name>:rank`)
+        ranks = {row["name"]: row["suggested"] for row in rows}
+        if len(set(ranks.values())) == 1:
+            return [f"  ranks          all {len(ranks)} modules: rank {next(iter(ranks.values()))}"]
+        return ["  ranks          " + ", ".join(f"{name}: {k}" for name, k in ranks.items())]
     kohya = result["kohya"]
     if len({(v["rank"], v["alpha"]) for v in kohya.values()}) == 1:
         v = next(iter(kohya.values()))
