@@ -674,12 +674,23 @@ NUMPY_ONLY = {"float16", "float32", "float64", "int8", "int32", "int64", "uint8"
 
 @st.composite
 def tensor_case(draw) -> dict:
-    """A one-module PEFT adapter whose factors have any dtype and any (possibly zero) dimensions."""
+    """A one-module adapter (PEFT, or another key family) whose factors have any dtype and any (possibly zero) dimensions."""
     container = draw(st.sampled_from(["safetensors", "pickle"]))
+    family = draw(st.sampled_from(sorted(FAMILY_NAMES)))
     kinds = FLOATS + ODD if container == "pickle" else sorted(NUMPY_ONLY)
     dtypes = [draw(st.sampled_from(kinds)) for _ in range(2)]
     r, n_in, n_out = draw(st.integers(0, 4)), draw(st.integers(0, 5)), draw(st.integers(0, 5))
-    return {"container": container, "dtypes": dtypes, "shapes": [(r, n_in), (n_out, r)]}
+    return {"container": container, "family": family, "dtypes": dtypes, "shapes": [(r, n_in), (n_out, r)]}
+
+
+FAMILY_NAMES = {  # the A and B of one module, as each key family names them
+    "peft": ["base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q.lora_B.weight"],
+    "lora-vit": ["w_a_000", "w_b_000"],
+    "lora-diffusion": ["unet:0:down", "unet:0:up"],
+    "comfyui": ["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight",
+                "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"],
+    "kohya-flux": ["lora_unet_single_blocks_0_linear1.lora_down.weight", "lora_unet_single_blocks_0_linear1.lora_up.weight"],
+}
 
 
 def _make(kind: str, shape: tuple[int, int], rng):
@@ -704,7 +715,7 @@ def test_factors_of_any_dtype_and_shape(case):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    names = ["base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q.lora_B.weight"]
+    names = FAMILY_NAMES[case.get("family", "peft")]
     with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
         folder = Path(tmp)
         (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
