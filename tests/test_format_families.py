@@ -382,3 +382,37 @@ def test_suggest_speaks_each_family(real_fixtures):
     assert f"  PEFT 0.2       r={r}, lora_alpha={2 * r}" in suggest_lines(result)[-1]  # one r: PEFT 0.2 has no patterns
     result = suggest(real_fixtures / "lora-vit-sam", energy=0.9)
     assert suggest_lines(result)[-1].startswith("  ranks          w_000: ")
+
+
+def test_kohya_flux_as_diffusers_own_converter_reads_it(tmp_path):
+    """diffusers' _convert_kohya_flux_lora_to_diffusers (the code behind its load_lora_weights for kohya Flux files)
+    splits the fused qkv into to_q / to_k / to_v and folds alpha / r into the factors: our one fused module's update
+    must be theirs stacked, and the converted file (diffusers Flux keys) must read back as the same updates."""
+    import torch
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    modules = {"lora_unet_double_blocks_0_img_attn_qkv": 3 * D, "lora_unet_double_blocks_0_img_attn_proj": D,
+               "lora_unet_double_blocks_0_txt_mlp_0": 4 * D}
+    _family_file(tmp_path / "flux.safetensors", {n: (4, D, out) for n, out in modules.items()},
+                 ".lora_down.weight", ".lora_up.weight", alpha=2.0)
+    ours = rankscope.load(tmp_path / "flux.safetensors")
+    assert ours.format == "kohya" and len(ours.modules) == 3
+    state = {k: torch.from_numpy(v) for k, v in load_file(tmp_path / "flux.safetensors").items()}
+    converted = {k: v.numpy() for k, v in _convert_kohya_flux_lora_to_diffusers(state).items()}
+
+    def theirs(name: str) -> np.ndarray:
+        return converted[f"transformer.transformer_blocks.0.{name}.lora_B.weight"].astype(np.float64) @ \
+            converted[f"transformer.transformer_blocks.0.{name}.lora_A.weight"]
+
+    def delta(module) -> np.ndarray:
+        return module.scale * module.B.astype(np.float64) @ module.A
+
+    qkv = np.vstack([theirs(f"attn.to_{p}") for p in "qkv"])
+    np.testing.assert_allclose(delta(ours["lora_unet_double_blocks_0_img_attn_qkv"]), qkv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(delta(ours["lora_unet_double_blocks_0_img_attn_proj"]), theirs("attn.to_out.0"), rtol=1e-5)
+    np.testing.assert_allclose(delta(ours["lora_unet_double_blocks_0_txt_mlp_0"]), theirs("ff_context.net.0.proj"),
+                               rtol=1e-5)
+    save_file(converted, tmp_path / "diffusers.safetensors")
+    back = rankscope.load(tmp_path / "diffusers.safetensors")
+    assert back.format == "diffusers-peft" and {m.scale for m in back.modules} == {1.0}  # alpha folded in by diffusers
+    np.testing.assert_allclose(delta(back["transformer.transformer_blocks.0.attn.to_k"]), qkv[D:2 * D], rtol=1e-5)
