@@ -188,7 +188,8 @@ def header_mutation(draw, header: dict) -> tuple[dict, list[tuple[str, str]]]:
     # Edits of a field need an entry an earlier edit left whole; the others work on any header.
     whole = [k for k, v in header.items() if k != "__metadata__" and well_formed(v)]
     names = [k for k in header if k != "__metadata__"]
-    kinds = ["rename", "duplicate", "metadata", "extra-tensor", "entry", "delete-tensor"] if names else ["metadata", "extra-tensor"]
+    kinds = ["rename", "duplicate", "metadata", "lora-metadata", "extra-tensor", "entry", "delete-tensor"] if names else [
+        "metadata", "extra-tensor"]
     if whole:
         kinds += ["offsets", "offsets-from-other", "shift", "dtype", "reinterpret", "reinterpret", "shape",
                   "delete-field", "nest", "extra-field"]
@@ -227,7 +228,8 @@ def header_mutation(draw, header: dict) -> tuple[dict, list[tuple[str, str]]]:
         del entry[draw(st.sampled_from(sorted(entry)))]
     elif kind == "rename":
         replacement = draw(st.sampled_from([("lora_A", "lora_B"), ("lora_B", "lora_A"), ("lora_a", "lora_b"), ("down", "up"),
-                                            ("weight", "alpha"), (".", "_"), ("lora_A", "lora_E"), ("lora_A", "lora_gate")]))
+                                            ("weight", "alpha"), (".", "_"), ("lora_A", "lora_E"), ("lora_A", "lora_gate"),
+                                            ("w_a", "w_b"), ("w_b", "w_a"), (":down", ":up"), (":", "."), ("lora_A", "lora_down")]))
         new_name = draw(st.just(name.replace(*replacement)) | st.text(max_size=12))
         header = {(new_name if k == name else k): v for k, v in header.items()}
     elif kind == "duplicate":
@@ -239,6 +241,20 @@ def header_mutation(draw, header: dict) -> tuple[dict, list[tuple[str, str]]]:
         header["__metadata__"] = draw(json_values | st.dictionaries(st.text(max_size=6), json_scalars, max_size=3)
                                       | st.dictionaries(st.sampled_from(["format", "ss_network_alpha", "lora_adapter_metadata"]),
                                                         st.text(max_size=8) | json_scalars, min_size=1, max_size=2))
+    elif kind == "lora-metadata":  # diffusers' LoraConfig in the metadata: flat, per component, or packed "unet.r"
+        metadata = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
+        config = {"r": draw(near_misses(4)), "lora_alpha": draw(near_misses(16)),
+                  draw(st.sampled_from(["rank_pattern", "alpha_pattern"])): draw(st.dictionaries(
+                      st.sampled_from(["to_q", "attn1.to_k", "(", ".*", "w_000"]) | st.text(max_size=6),
+                      st.integers(-2, 16) | json_scalars, max_size=2))}
+        layout = draw(st.sampled_from(["flat", "nested", "packed", "not-json"]))
+        if layout == "nested":
+            config = {draw(st.sampled_from(["unet", "transformer", "down_blocks", ""])): config}
+        elif layout == "packed":
+            config = {f"{draw(st.sampled_from(['unet', 'down_blocks', 'text_encoder']))}.{k}": v for k, v in config.items()}
+        text = raw_numbers(json.dumps(config))
+        metadata["lora_adapter_metadata"] = text[:draw(st.integers(0, len(text)))] if layout == "not-json" else text
+        header["__metadata__"] = metadata
     elif kind == "nest":
         depth = draw(st.sampled_from([1, 3, 100, 1000, 5000, 100_000]))
         mark = NEST_MARK.format(depth)
@@ -261,7 +277,8 @@ def header_mutation(draw, header: dict) -> tuple[dict, list[tuple[str, str]]]:
 
 @st.composite
 def header_case(draw) -> dict:
-    fixture = draw(st.sampled_from(["peft-gpt2-conv1d", "peft-roberta-series", "mlx-gemma-series", "diffusers-legacy-sd15"]))
+    fixture = draw(st.sampled_from(["peft-gpt2-conv1d", "peft-roberta-series", "mlx-gemma-series", "diffusers-legacy-sd15",
+                                    "diffusers-peft-metadata-sd15", "lora-diffusion-cloneofsimo-sd15", "lora-vit-sam"]))
     files = sorted(p.relative_to(REAL / fixture) for p in (REAL / fixture).rglob("*.safetensors"))
     target = draw(st.sampled_from(files))
     header, data = split_safetensors((REAL / fixture / target).read_bytes())
@@ -332,7 +349,8 @@ def test_mutated_safetensors_headers(case):
 
 @st.composite
 def byte_case(draw) -> dict:
-    fixture = draw(st.sampled_from(["peft-gpt2-conv1d", "peft-roberta-series/checkpoint-500", "mlx-gemma-series"]))
+    fixture = draw(st.sampled_from(["peft-gpt2-conv1d", "peft-roberta-series/checkpoint-500", "mlx-gemma-series",
+                                    "peft-bloom-enable-lora", "lora-vit-sam", "diffusers-peft-metadata-sd15"]))
     files = sorted(p.relative_to(REAL / fixture) for p in (REAL / fixture).rglob("*") if p.is_file())
     target = draw(st.sampled_from(files))
     data = bytearray((REAL / fixture / target).read_bytes())
@@ -368,14 +386,15 @@ def test_flipped_and_truncated_bytes(case):
 # ----------------------------------------------------------------------------- configs
 
 CONFIG_FIELDS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "peft_type", "lora_parameters",
-                 "beamlora_temperature", "target_modules", "fan_in_fan_out"]
+                 "beamlora_temperature", "target_modules", "fan_in_fan_out", "enable_lora"]
 
 
 @st.composite
 def config_case(draw) -> dict:
     fixture, config_path = draw(st.sampled_from([
         ("peft-gpt2-conv1d", "adapter_config.json"), ("peft-roberta-series/checkpoint-500", "adapter_config.json"),
-        ("mlx-gemma-series", "adapter_config.json"), ("diffusers-legacy-sd15", "adapter_config.json")]))
+        ("mlx-gemma-series", "adapter_config.json"), ("diffusers-legacy-sd15", "adapter_config.json"),
+        ("peft-bloom-enable-lora", "adapter_config.json")]))
     existing = REAL / fixture / config_path
     config = json.loads(existing.read_text()) if existing.is_file() else {}
     for _ in range(draw(st.integers(1, 3))):
@@ -655,12 +674,23 @@ NUMPY_ONLY = {"float16", "float32", "float64", "int8", "int32", "int64", "uint8"
 
 @st.composite
 def tensor_case(draw) -> dict:
-    """A one-module PEFT adapter whose factors have any dtype and any (possibly zero) dimensions."""
+    """A one-module adapter (PEFT, or another key family) whose factors have any dtype and any (possibly zero) dimensions."""
     container = draw(st.sampled_from(["safetensors", "pickle"]))
+    family = draw(st.sampled_from(sorted(FAMILY_NAMES)))
     kinds = FLOATS + ODD if container == "pickle" else sorted(NUMPY_ONLY)
     dtypes = [draw(st.sampled_from(kinds)) for _ in range(2)]
     r, n_in, n_out = draw(st.integers(0, 4)), draw(st.integers(0, 5)), draw(st.integers(0, 5))
-    return {"container": container, "dtypes": dtypes, "shapes": [(r, n_in), (n_out, r)]}
+    return {"container": container, "family": family, "dtypes": dtypes, "shapes": [(r, n_in), (n_out, r)]}
+
+
+FAMILY_NAMES = {  # the A and B of one module, as each key family names them
+    "peft": ["base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q.lora_B.weight"],
+    "lora-vit": ["w_a_000", "w_b_000"],
+    "lora-diffusion": ["unet:0:down", "unet:0:up"],
+    "comfyui": ["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight",
+                "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"],
+    "kohya-flux": ["lora_unet_single_blocks_0_linear1.lora_down.weight", "lora_unet_single_blocks_0_linear1.lora_up.weight"],
+}
 
 
 def _make(kind: str, shape: tuple[int, int], rng):
@@ -685,7 +715,7 @@ def test_factors_of_any_dtype_and_shape(case):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    names = ["base_model.model.l.0.q.lora_A.weight", "base_model.model.l.0.q.lora_B.weight"]
+    names = FAMILY_NAMES[case.get("family", "peft")]
     with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
         folder = Path(tmp)
         (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
@@ -824,7 +854,8 @@ def test_mutated_gguf_adapters(case):
 
 def test_fixtures_are_untouched_and_the_unmutated_copies_load():
     """The property's baseline: every fixture loads as it is (so a failure above is the mutation's doing)."""
-    for name in ("peft-gpt2-conv1d", "peft-roberta-series", "mlx-gemma-series", "diffusers-legacy-sd15"):
+    for name in ("peft-gpt2-conv1d", "peft-roberta-series", "mlx-gemma-series", "diffusers-legacy-sd15",
+                 "diffusers-peft-metadata-sd15", "peft-bloom-enable-lora", "lora-diffusion-cloneofsimo-sd15", "lora-vit-sam"):
         with fixture_copy(name) as root:
             assert analyze(root) == "ok"
             assert all(official_accepts(p) and rankscope_accepts(p) for p in root.rglob("*.safetensors"))

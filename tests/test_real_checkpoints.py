@@ -74,3 +74,80 @@ def test_whole_real_series_analyses(real_fixtures):
         for module in snapshot["modules"]:
             assert len(module["importance"]) == 8 and len(module["deciles"]) == 11
             assert module["deciles"][-1] == 1.0
+
+
+def _sigma(delta: np.ndarray, rank: int) -> np.ndarray:
+    """The top ``rank`` singular values of a dense float64 update: the slow obvious reference."""
+    return np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)[:rank]
+
+
+def _spectrum(document: dict, name: str) -> np.ndarray:
+    return np.array(next(m for m in document["snapshots"][-1]["modules"] if m["name"] == name)["spectrum"])
+
+
+def test_diffusers_metadata_sd15_scale_from_metadata(real_fixtures):
+    from safetensors.numpy import load_file
+
+    folder = real_fixtures / "diffusers-peft-metadata-sd15"
+    checkpoint = rankscope.load(folder)
+    assert checkpoint.format == "diffusers-peft"
+    assert len(checkpoint.modules) == 96 and {m.rank for m in checkpoint.modules} == {4}
+    # r 4 and lora_alpha 16 live only in the safetensors metadata: scale 4, not the 1 of a file without alphas
+    assert {(m.scale, m.scale_source) for m in checkpoint.modules} == {(4.0, "lora_adapter_metadata")}
+    raw = load_file(folder / "pytorch_lora_weights.safetensors")
+    name = "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_q"
+    reference = _sigma(16 / 4 * raw[f"{name}.lora_B.weight"].astype(np.float64) @ raw[f"{name}.lora_A.weight"], 4)
+    np.testing.assert_allclose(_spectrum(rankscope.analyze(folder), name), reference, rtol=1e-6)
+
+
+def test_bloom_enable_lora_is_split_into_its_sub_adapters(real_fixtures):
+    import torch
+
+    folder = real_fixtures / "peft-bloom-enable-lora"
+    checkpoint = rankscope.load(folder)
+    assert checkpoint.format == "peft-enable-lora"
+    assert len(checkpoint.modules) == 48 and {m.rank for m in checkpoint.modules} == {8}  # 24 fused layers × (q, v)
+    assert {m.name.rsplit("[", 1)[1] for m in checkpoint.modules} == {"q]", "v]"}
+    assert {(m.scale, m.in_features, m.out_features) for m in checkpoint.modules} == {(16 / 8, 1024, 3072)}
+    state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    fused = "base_model.model.transformer.h.5.self_attention.query_key_value"
+    A = state[f"{fused}.lora_A.weight"].double().numpy()  # (16, 1024): q's 8 rows, then v's
+    B = state[f"{fused}.lora_B.weight"].double().numpy()  # (2048, 8, 1): groups of 1024 output rows
+    q = 2.0 * B[:1024, :, 0] @ A[:8]  # group 0 -> the first third of the fused output (PEFT's zero_pad)
+    v = 2.0 * B[1024:, :, 0] @ A[8:]  # group 1 -> the last third
+    document = rankscope.analyze(folder)
+    np.testing.assert_allclose(_spectrum(document, f"{fused}[q]"), _sigma(q, 8), rtol=1e-6)
+    np.testing.assert_allclose(_spectrum(document, f"{fused}[v]"), _sigma(v, 8), rtol=1e-6)
+    module = checkpoint[f"{fused}[v]"]
+    B_read = module.B
+    assert not B_read[:2048].any() and np.array_equal(B_read[2048:], B[1024:, :, 0].astype(np.float32))
+
+
+def test_cloneofsimo_lora_diffusion(real_fixtures):
+    from safetensors import safe_open
+
+    path = real_fixtures / "lora-diffusion-cloneofsimo-sd15" / "lora_disney.safetensors"
+    checkpoint = rankscope.load(path)
+    assert checkpoint.format == "lora-diffusion"
+    assert len(checkpoint.modules) == 192 and {m.rank for m in checkpoint.modules} == {1}
+    assert sorted(checkpoint.skipped) == ["<s1>", "<s2>"]  # learned token embeddings, not LoRA pairs
+    assert {(m.scale, m.scale_source) for m in checkpoint.modules} == {(1.0, "lora_diffusion's default scale 1")}
+    with safe_open(path, "np") as f:
+        up, down = f.get_tensor("unet:17:up").astype(np.float64), f.get_tensor("unet:17:down")
+        assert f.metadata()["unet:17:rank"] == "1"
+    np.testing.assert_allclose(_spectrum(rankscope.analyze(path), "unet:17"), _sigma(up.reshape(up.shape[0], -1)
+                               @ down.reshape(down.shape[0], -1), 1), rtol=1e-6)
+
+
+def test_lora_vit_sam_index_pairs(real_fixtures):
+    from safetensors.numpy import load_file
+
+    path = real_fixtures / "lora-vit-sam" / "lora_rank4.safetensors"
+    checkpoint = rankscope.load(path)
+    assert checkpoint.format == "lora-vit" and not checkpoint.skipped
+    assert len(checkpoint.modules) == 24 and {m.rank for m in checkpoint.modules} == {4}
+    assert {(m.scale, m.in_features, m.out_features) for m in checkpoint.modules} == {(1.0, 768, 768)}
+    raw = load_file(path)
+    assert raw["w_a_007"].shape == (4, 768) and raw["w_b_007"].shape == (768, 4)  # w_a = A (r, in), w_b = B (out, r)
+    np.testing.assert_allclose(_spectrum(rankscope.analyze(path), "w_007"),
+                               _sigma(raw["w_b_007"].astype(np.float64) @ raw["w_a_007"], 4), rtol=1e-6)

@@ -37,7 +37,7 @@ from rankscope.adapters import structured_resize
 from rankscope.constants import ADAPTER_CONFIG, RESIZE_SCHEMA, SCORES_FILE, STATE_FILE, TRAINER_STATE
 from rankscope.errors import RankscopeError
 from rankscope.io.atomic import check_out, output_folder, write_chunks, write_json, write_with
-from rankscope.io.formats import LoraModule
+from rankscope.io.formats import ADAPTER_METADATA_KEY, LoraModule, enable_lora_blocks, split_adapter_metadata
 from rankscope.io.gguf import GgufFile, write_gguf
 from rankscope.io.gguf_lora import GGUF_FORMAT, adapter_alpha, gguf_scale
 from rankscope.io.loading import Checkpoint, load_checkpoint, resolve_adapter
@@ -245,8 +245,16 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
     out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     rows, ranks, notes = [], {}, []
     claimed: set[str] = set()
+    fused: dict[str, list[tuple[LoraModule, np.ndarray, np.ndarray]]] = {}  # old PEFT enable_lora: by lora_A key
     try:
         for module, (A_new, B_new, k, error, zero) in zip(checkpoint.modules, _all_new_factors(checkpoint, rule)):
+            if checkpoint.format == "peft-enable-lora":  # written below, once every sub-adapter's rank is known
+                fused.setdefault(module.keys["A"], []).append((module, A_new, B_new))
+                claimed.update(module.keys.values())
+                ranks[module.name] = k
+                params = module.in_features + module.out_features
+                rows.append(ResizedModule(module.name, module.rank, k, error, module.rank * params, k * params, zero))
+                continue
             for role, array in (("A", A_new), ("B", B_new)):
                 key = module.keys[role]
                 like = tf.shape(key)
@@ -265,7 +273,7 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
                 kind = _writable(tf.dtype(key))
                 value = np.full(tf.shape(key), module.scale * k)
                 out[key] = (kind, tf.shape(key), encode_tensor(value, kind))
-            elif checkpoint.format == "kohya":
+            elif checkpoint.format == "kohya" or module.scale_source == "ss_network_alpha":
                 # Without its own alpha a kohya module falls back to ss_network_alpha / r, which the new r would
                 # change (and the metadata may now say "Dynamic"): give it an explicit one.
                 out[f"{module.name}.alpha"] = ("F32", (), encode_tensor(np.array(module.scale * k), "F32"))
@@ -273,6 +281,8 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
             ranks[module.name] = k
             params = module.in_features + module.out_features
             rows.append(ResizedModule(module.name, module.rank, k, error, module.rank * params, k * params, zero))
+        if fused:
+            notes.append(_write_enable_lora(tf, checkpoint, fused, ranks, rows, dtype, out))
         for key in tf:
             if key not in claimed:
                 out[key] = _copied(tf, key)
@@ -285,6 +295,37 @@ def _tensor_entries(checkpoint: Checkpoint, rule: dict[str, Any], dtype: str | N
         notes.append(f"{len(zero)} module(s) have a zero update ({zero[0]}{', ...' if len(zero) > 1 else ''}): "
                      f"kept at rank {rule['module_min']} with zeros")
     return out, rows, ranks, notes
+
+
+def _write_enable_lora(tf: Any, checkpoint: Checkpoint, fused: dict[str, list[tuple[LoraModule, np.ndarray, np.ndarray]]],
+                       ranks: dict[str, int], rows: list[ResizedModule], dtype: str | None,
+                       out: dict[str, tuple[str, tuple[int, ...], bytes]]) -> str:
+    """Old PEFT (0.2) keeps one r for every MergedLinear: each sub-adapter is written at the largest chosen rank K,
+    its extra slots zero (exact), A stacked (K·k, in) and B the grouped conv weight (out·k/n, K, 1)."""
+    K = max(ranks.values())
+    blocks = {label: (g, j) for g, (j, label) in enumerate(enable_lora_blocks(checkpoint.config["enable_lora"]))}
+    n = len(checkpoint.config["enable_lora"])
+    for subs in fused.values():
+        first = subs[0][0]
+        block_rows = first.out_features // n
+        A = np.zeros((K * len(blocks), first.in_features))
+        B = np.zeros((block_rows * len(blocks), K, 1))
+        for module, A_new, B_new in subs:
+            g, j = blocks[module.name.rsplit("[", 1)[1].rstrip("]")]
+            k = A_new.shape[0]
+            A[g * K:g * K + k] = A_new
+            B[g * block_rows:(g + 1) * block_rows, :k, 0] = B_new[j * block_rows:(j + 1) * block_rows]
+        for role, array in (("A", A), ("B", B)):
+            key = first.keys[role]
+            kind = dtype or _writable(tf.dtype(key))
+            out[key] = (kind, array.shape, encode_tensor(array, kind))
+    for row in rows:
+        row.params_after = K * (row.params_after // max(1, row.rank_after))
+        row.rank_after = K
+    for name in ranks:
+        ranks[name] = K
+    return (f"old PEFT enable_lora keeps one r for all modules: every sub-adapter is written at rank {K} (the largest "
+            "chosen), its slots beyond its own rank zero, so each update is still its best approximation")
 
 
 _LARGEST = {"F64": float(np.finfo(np.float64).max), "F32": float(np.finfo(np.float32).max),
@@ -318,6 +359,11 @@ def _config_for(checkpoint: Checkpoint, rows: list[ResizedModule], ranks: dict[s
         config.update(fragment)
         for key in ("use_beamlora", "beamlora_temperature"):  # the gates are folded: a plain LoRA adapter
             config.pop(key, None)
+    elif fmt == "peft-enable-lora":  # PEFT 0.2: one r and one lora_alpha (no rank_pattern); scale kept at the new r
+        r = max(ranks.values())
+        scales = {m.scale for m in checkpoint.modules}
+        config["r"] = r
+        config["lora_alpha"] = round(scales.pop() * r, 10) if len(scales) == 1 else config.get("lora_alpha")
     elif fmt == "mlx":
         params = dict(config.get("lora_parameters") or {})
         scales = {m.scale for m in checkpoint.modules}
@@ -339,30 +385,44 @@ def _metadata(checkpoint: Checkpoint, ranks: dict[str, int]) -> dict[str, str]:
     tf = open_tensor_file(checkpoint.path)
     metadata = dict(getattr(tf, "metadata", {}) or {})
     tf.close()
-    if checkpoint.format == "kohya":
+    if checkpoint.format in ("kohya", "comfyui"):  # explicit alpha tensors were written: the network's values follow
         dims = set(ranks.values())
         alphas = {round(m.scale * ranks[m.name], 10) for m in checkpoint.modules}
         if "ss_network_dim" in metadata:
             metadata["ss_network_dim"] = str(dims.pop()) if len(dims) == 1 else "Dynamic"
         if "ss_network_alpha" in metadata:
             metadata["ss_network_alpha"] = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
-    elif checkpoint.format == "diffusers-peft" and "lora_adapter_metadata" in metadata:
-        metadata["lora_adapter_metadata"] = _diffusers_metadata(checkpoint, ranks, metadata["lora_adapter_metadata"])
+    elif checkpoint.format == "lora-diffusion":  # cloneofsimo keeps each module's rank beside it: `unet:17:rank`
+        for name, k in ranks.items():
+            if f"{name}:rank" in metadata:
+                metadata[f"{name}:rank"] = str(k)
+    if ADAPTER_METADATA_KEY in metadata:  # diffusers' LoraConfig(s), whatever the key family
+        metadata[ADAPTER_METADATA_KEY] = _diffusers_metadata(checkpoint, ranks, metadata[ADAPTER_METADATA_KEY])
     return metadata
 
 
 def _diffusers_metadata(checkpoint: Checkpoint, ranks: dict[str, int], raw: str) -> str:
-    """Each component's LoraConfig in diffusers' metadata, with rank_pattern / alpha_pattern for the new ranks."""
-    meta = json.loads(raw)
-    components = {key: value for key, value in meta.items() if isinstance(value, dict)} or {"": meta}
-    for prefix, config in components.items():
-        inside = [m for m in checkpoint.modules if not prefix or m.name.startswith(prefix + ".")]
+    """Each component's LoraConfig in diffusers' metadata (flat, keyed by component, or packed as ``unet.r``), with
+    r, lora_alpha, rank_pattern and alpha_pattern giving every module its new rank and its trained scale."""
+    meta = json.loads(raw)  # parsed and checked when the adapter was read
+    components = split_adapter_metadata(meta)
+    placed: set[str] = set()
+    for prefix in sorted(components, key=len, reverse=True):  # as the reader: text_encoder_2 before text_encoder
+        config = components[prefix]
+        inside = [m for m in checkpoint.modules if m.name not in placed and (not prefix or m.name.startswith(prefix + "."))]
+        placed.update(m.name for m in inside)
         if not inside:
             continue
         modules = [{"name": m.name.removeprefix(prefix + ".") if prefix else m.name, "scale": m.scale} for m in inside]
-        config.update(peft_fragment(modules, [ranks[m.name] for m in inside], _common([ranks[m.name] for m in inside]),
-                                    bool(config.get("use_rslora"))))
-    return json.dumps(meta)
+        fragment = peft_fragment(modules, [ranks[m.name] for m in inside], _common([ranks[m.name] for m in inside]),
+                                 bool(config.get("use_rslora")))
+        if not prefix:
+            meta.update(fragment)
+        elif isinstance(meta.get(prefix), dict):
+            meta[prefix].update(fragment)
+        else:  # diffusers' pipelines pack each component's fields as "<prefix>.<field>"
+            meta.update({f"{prefix}.{key}": value for key, value in fragment.items()})
+    return json.dumps(meta, indent=2, sort_keys=True)
 
 
 def _copy_side_files(source: Path, weights: Path, target: Path) -> None:

@@ -9,6 +9,7 @@ and counted, never paired.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import defaultdict
@@ -20,9 +21,10 @@ import numpy as np
 from rankscope.errors import RankscopeError
 from rankscope.io.patterns import PatternError, PatternMap, PatternTooSlow, pattern_map
 from rankscope.io.tensors import TensorFile
-from rankscope.io.validate import check_adapter_config, check_temperature, describe, is_number, parse_json
+from rankscope.io.validate import check_adapter_config, check_temperature, describe, parse_json
 
-FORMATS = ("peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune", "gguf")
+FORMATS = ("peft", "kohya", "diffusers-legacy", "diffusers-peft", "mlx", "torchtune", "comfyui", "peft-enable-lora",
+           "lora-diffusion", "lora-vit", "gguf")
 
 # Names of the parts: "A", "B" (the pair), and extras that change the scale or the update.
 _PEFT_KEY = re.compile(
@@ -34,10 +36,17 @@ _KOHYA_KEY = re.compile(r"^(?P<name>(?:lora_(?:unet|te\d?)|lycoris)_.+?)\.(?P<pa
 _DIFFUSERS_LEGACY_KEY = re.compile(r"^(?P<name>.+?)(?:_lora|\.lora_linear_layer|\.lora)\.(?P<part>down|up|alpha)(?:\.weight)?$")
 _MLX_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_a|lora_b|m)$")
 _TORCHTUNE_KEY = re.compile(r"^(?P<name>.+)\.(?P<part>lora_a|lora_b|magnitude)\.weight$")
+# ComfyUI / ai-toolkit: dotted module paths under `diffusion_model.` (or any dotted path with kohya's part names).
+_COMFYUI_KEY = re.compile(r"^(?P<name>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up|alpha|dora_scale)(?:\.weight)?$")
+_COMFYUI_PREFIXES = ("diffusion_model.", "text_encoders.")
+# cloneofsimo lora_diffusion: `unet:17:down` / `unet:17:up` (`text_encoder:3:...`), ranks in the metadata.
+_LORA_DIFFUSION_KEY = re.compile(r"^(?P<name>[A-Za-z_]\w*:\d+):(?P<part>down|up)$")
+# LoRA-ViT / SAM LoRA: `w_a_000` (r, in) and `w_b_000` (out, r), paired by their index.
+_LORA_VIT_KEY = re.compile(r"^(?P<name>w)_(?P<part>a|b)_(?P<index>\d+)$")
 
 _PART_ROLES = {
     "lora_A": "A", "lora_embedding_A": "A", "lora_down": "A", "down": "A", "lora_a": "A",
-    "lora_B": "B", "lora_embedding_B": "B", "lora_up": "B", "up": "B", "lora_b": "B",
+    "lora_B": "B", "lora_embedding_B": "B", "lora_up": "B", "up": "B", "lora_b": "B", "a": "A", "b": "B",
     "lora_E": "E", "alpha": "alpha", "lora_mid": "mid", "lora_gate": "gate", "ranknum": "ranknum",
     "lora_magnitude_vector": "magnitude", "dora_scale": "magnitude", "m": "magnitude", "magnitude": "magnitude",
 }
@@ -46,7 +55,7 @@ _LAST_INTEGER = re.compile(r"(?:^|[._])(\d+)(?=[._]|$)")
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha when a config leaves it out
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only: scale_source (with a default) sits before fields without one
 class LoraModule:
     """One adapted module: ``ΔW = scale · B diag(c) A`` with c from AdaLoRA's E or BeamLoRA's w.
 
@@ -57,6 +66,7 @@ class LoraModule:
     name: str
     rank: int
     scale: float
+    scale_source: str = ""  # where the scale was read from (shown by analyze)
     in_features: int
     out_features: int
     stored_dtype: str
@@ -136,27 +146,37 @@ def _match_keys(keys: list[str], pattern: re.Pattern) -> dict[str, dict[str, str
     groups: dict[str, dict[str, str]] = defaultdict(dict)
     for gd in matches:
         role = _PART_ROLES[gd["part"]] + ("_bias" if gd.get("param") == "bias" else "")
-        name = f"{gd['name']}[{gd['adapter']}]" if several_adapters and gd.get("adapter") else gd["name"]
+        name = f"{gd['name']}_{gd['index']}" if gd.get("index") else gd["name"]  # LoRA-ViT: w_a_000 -> w_000
+        name = f"{name}[{gd['adapter']}]" if several_adapters and gd.get("adapter") else name
         groups[name][role] = gd["key"]
     return groups
 
 
-def detect_format(keys: list[str], config: dict | None) -> str:
-    """Pick the format whose key pattern claims the most tensors (config breaks PEFT ties)."""
+def detect_format(keys: list[str], config: dict | None, metadata: dict[str, str] | None = None) -> str:
+    """Pick the format whose key pattern claims the most tensors (config and key prefixes break PEFT ties)."""
     counts = {
         "peft": sum(1 for k in keys if _PEFT_KEY.match(k)),
         "kohya": sum(1 for k in keys if _KOHYA_KEY.match(k)),
         "diffusers-legacy": sum(1 for k in keys if _DIFFUSERS_LEGACY_KEY.match(k)),
         "mlx": sum(1 for k in keys if _MLX_KEY.match(k) and not k.endswith(".m")),
         "torchtune": sum(1 for k in keys if _TORCHTUNE_KEY.match(k)),
+        # dotted paths with kohya's lora_down / lora_up / alpha (the PEFT names are counted as peft, see below)
+        "comfyui": sum(1 for k in keys if _COMFYUI_KEY.match(k) and not _KOHYA_KEY.match(k) and not _PEFT_KEY.match(k)),
+        "lora-diffusion": sum(1 for k in keys if _LORA_DIFFUSION_KEY.match(k)),
+        "lora-vit": sum(1 for k in keys if _LORA_VIT_KEY.match(k)),
     }
     best = max(counts, key=counts.get)
     if counts[best] == 0:
         return "unknown"
     if best == "peft":
         lora_keys = [k for k in keys if _PEFT_KEY.match(k)]
-        if not (config and "peft_type" in config) and all(k.startswith(_DIFFUSERS_PREFIXES) for k in lora_keys):
-            return "diffusers-peft"
+        if config and isinstance(config.get("enable_lora"), list):
+            return "peft-enable-lora"  # PEFT 0.2's MergedLinear: A stacked, B a grouped conv
+        if all(k.startswith(_COMFYUI_PREFIXES) for k in lora_keys):
+            return "comfyui"  # ai-toolkit / ComfyUI: PEFT part names under diffusion_model.
+        if not (config and "peft_type" in config) and (all(k.startswith(_DIFFUSERS_PREFIXES) for k in lora_keys)
+                                                       or ADAPTER_METADATA_KEY in (metadata or {})):
+            return "diffusers-peft"  # a component prefix, or diffusers' LoraConfig in the safetensors metadata
     return best
 
 
@@ -190,17 +210,26 @@ def _pattern_value(patterns: dict, keys: PatternMap, field: str, name: str, defa
         raise RankscopeError(f"{source}: {field} key {e.key!r} is refused: expected {e.reason}") from None
 
 
-def _peft_scale(config: dict, module_name: str, rank: int, notes: set[str], patterns: _Patterns) -> float:
+_UNSET = object()
+
+
+def _peft_scale(config: dict, module_name: str, rank: int, notes: set[str], patterns: _Patterns,
+                label: str = "adapter_config.json") -> tuple[float, str]:
+    """PEFT's scale ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) for one module, and where it came from: ``label``
+    (the config's file or metadata key), with `` alpha_pattern`` when that map gave the module its alpha."""
     bare = module_name.split("[", 1)[0].removeprefix("base_model.model.")
     r = patterns.value("rank_pattern", bare, config.get("r", rank))
     if "r" not in config:
-        notes.add("adapter_config.json has no \"r\": each module's rank is read from its tensors")
+        notes.add(f"{label} has no \"r\": each module's rank is read from its tensors")
     if "lora_alpha" not in config:
-        notes.add(f"adapter_config.json has no \"lora_alpha\": PEFT's default {PEFT_DEFAULT_ALPHA} is used")
-    alpha = patterns.value("alpha_pattern", bare, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+        notes.add(f"{label} has no \"lora_alpha\": PEFT's default {PEFT_DEFAULT_ALPHA} is used")
+    alpha = patterns.value("alpha_pattern", bare, _UNSET)
+    source = f"{label} alpha_pattern"
+    if alpha is _UNSET:
+        alpha, source = config.get("lora_alpha", PEFT_DEFAULT_ALPHA), label
     if isinstance(r, int) and r != rank:
-        notes.add(f"adapter_config.json gives rank {r} for some modules whose tensors have rank {rank}; the tensors' rank is used")
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        notes.add(f"{label} gives rank {r} for some modules whose tensors have rank {rank}; the tensors' rank is used")
+    return (alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank), source
 
 
 def _oriented(tf: TensorFile, key: str, transpose: bool, flatten: bool) -> Callable[[], np.ndarray]:
@@ -211,6 +240,11 @@ def _oriented(tf: TensorFile, key: str, transpose: bool, flatten: bool) -> Calla
         return array.T if transpose else array
 
     return read
+
+
+def _sample(keys: list[str]) -> str:
+    """A few of a file's tensor names, for an error that says what the file holds."""
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
 def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = None,
@@ -224,13 +258,13 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
     if config is not None:
         check_adapter_config(config, config_source)
     keys = list(tf)
-    fmt = format or detect_format(keys, config)
+    fmt = format or detect_format(keys, config, getattr(tf, "metadata", None))
     if fmt == "unknown":
-        sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
         raise RankscopeError(
-            f"{tf.path} holds {len(keys)} tensors ({sample}) but no LoRA pairs: expected keys such as "
+            f"{tf.path} holds {len(keys)} tensors ({_sample(keys)}) but no LoRA pairs: expected keys such as "
             "'<module>.lora_A.weight' / '<module>.lora_B.weight' (PEFT), '.lora_down' / '.lora_up' (kohya), "
-            "'.lora_a' / '.lora_b' (mlx-lm, torchtune)"
+            "'.lora_a' / '.lora_b' (mlx-lm, torchtune), 'unet:N:down' / 'unet:N:up' (lora_diffusion), "
+            "'w_a_NNN' / 'w_b_NNN' (LoRA-ViT)"
         )
     if fmt not in FORMATS:
         raise RankscopeError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -239,6 +273,8 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
     pattern = {
         "peft": _PEFT_KEY, "diffusers-peft": _PEFT_KEY, "kohya": _KOHYA_KEY,
         "diffusers-legacy": _DIFFUSERS_LEGACY_KEY, "mlx": _MLX_KEY, "torchtune": _TORCHTUNE_KEY,
+        "comfyui": _COMFYUI_KEY, "peft-enable-lora": _PEFT_KEY, "lora-diffusion": _LORA_DIFFUSION_KEY,
+        "lora-vit": _LORA_VIT_KEY,
     }[fmt]
     has_config = config is not None
     config = config or {}
@@ -246,12 +282,26 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
     patterns = _Patterns(config, config_source)
     groups = _match_keys(keys, pattern)
     notes: set[str] = set()
+    metadata = adapter_metadata_configs(tf, notes)
     modules: list[LoraModule] = []
     claimed: set[str] = set()
     empty: list[str] = []
+    if fmt == "lora-vit":
+        _check_index_pairs(tf, groups)
+    if fmt == "lora-diffusion":
+        groups = _lora_diffusion_groups(tf, groups, notes)
     for name, parts in groups.items():
         if "A" not in parts or "B" not in parts:
             continue  # an orphan; counted with the skipped tensors below
+        if fmt == "peft-enable-lora":
+            for module in split_enable_lora(tf, name, parts, config, config_source):
+                module.scale, module.scale_source = _module_scale(fmt, tf, parts, config, has_config, module.name,
+                                                                  module.rank, False, notes, patterns, metadata)
+                modules.append(module)
+            claimed.update(parts.values())
+            notes.add("old PEFT enable_lora layout: each fused A/B is split into its sub-adapters (named [q], [k], [v] "
+                      "by their block of the fused output, as PEFT's MergedLinear places them), each B zero outside its block")
+            continue
         a_shape, b_shape = tf.shape(parts["A"]), tf.shape(parts["B"])
         transpose = fmt == "mlx"
         if transpose:  # mlx-lm: lora_a (in, r), lora_b (r, out)
@@ -300,7 +350,8 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
         if module.dora:
             notes.add("DoRA adapter: its update also rescales each output by a learned magnitude, "
                       "so ΔW is not B A alone; rankscope reports the importances of B A")
-        module.scale = _module_scale(fmt, tf, parts, config, has_config, name, rank, adalora, notes, patterns)
+        module.scale, module.scale_source = _module_scale(fmt, tf, parts, config, has_config, name, rank, adalora,
+                                                          notes, patterns, metadata)
         if "E" in parts:
             module.E = per_rank_vector(tf, parts["E"], rank, name, "AdaLoRA's singular values lora_E")
         if "gate" in parts:
@@ -318,7 +369,7 @@ def parse_checkpoint(tf: TensorFile, config: dict | None, format: str | None = N
                              "expected A (r, in) and B (out, r) with r ≥ 1")
     if not modules:
         raise RankscopeError(
-            f"{tf.path} holds {len(keys)} tensors but no complete LoRA pair for format {fmt}: "
+            f"{tf.path} holds {len(keys)} tensors ({_sample(keys)}) but no complete LoRA pair for format {fmt}: "
             "expected each module to have both its A (down) and B (up) matrix"
         )
     skipped = [k for k in keys if k not in claimed]
@@ -347,6 +398,82 @@ def _tucker_down(tf: TensorFile, parts: dict[str, str]) -> Callable[[], np.ndarr
         return folded.reshape(folded.shape[0], -1)
 
     return read
+
+
+ENABLE_LORA_LABELS = "qkv"  # names of the blocks of a 3-way fused output (PEFT's MergedLinear on query_key_value)
+
+
+def enable_lora_blocks(enable: list[bool]) -> list[tuple[int, str]]:
+    """(block index in the fused output, its label) of each enabled sub-adapter, in the order A and B stack them."""
+    labels = ENABLE_LORA_LABELS if len(enable) == len(ENABLE_LORA_LABELS) else [str(j) for j in range(len(enable))]
+    return [(j, labels[j]) for j, on in enumerate(enable) if on]
+
+
+def split_enable_lora(tf: TensorFile, name: str, parts: dict[str, str], config: dict, source: str) -> list[LoraModule]:
+    """The sub-adapters of one old PEFT (0.2) ``MergedLinear``: ``lora_A`` (r·k, in) stacks k blocks of r rows;
+    ``lora_B`` is a grouped Conv1d weight (out·k/n, r, 1) with k groups, group g mapping A's block g to the g-th
+    enabled block of the fused output (``zero_pad`` fills rows ``j·out/n … (j+1)·out/n`` of enabled block j).
+    Each sub-adapter is returned with B (out, r) zero outside its own block, so ΔW is its update to the fused layer."""
+    enable = config.get("enable_lora")
+    if not (isinstance(enable, list) and enable and all(isinstance(e, bool) for e in enable) and any(enable)):
+        raise RankscopeError(f"{source}: field 'enable_lora' is {describe(enable)}, expected a list of booleans with at "
+                             "least one true (old PEFT's MergedLinear)")
+    a_shape, b_shape = tf.shape(parts["A"]), tf.shape(parts["B"])
+    k, n = sum(enable), len(enable)
+    r = b_shape[1] if len(b_shape) == 3 else 0
+    if (len(a_shape) != 2 or len(b_shape) != 3 or b_shape[2] != 1 or r == 0 or a_shape[0] != r * k
+            or b_shape[0] == 0 or b_shape[0] % k or a_shape[1] == 0):
+        raise RankscopeError(
+            f"{tf.path}: module {name!r} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not match "
+            f"enable_lora {json.dumps(enable)} ({k} groups): expected A (r·{k}, in) and B a grouped conv weight "
+            f"(out·{k}/{n}, r, 1) with {k} groups (old PEFT's MergedLinear)")
+    for role in ("A", "B"):
+        check_float_tensor(tf, parts[role], name)
+    rows = b_shape[0] // k
+    out_features = rows * n
+
+    def reader_A(g: int) -> Callable[[], np.ndarray]:
+        return lambda: np.asarray(tf[parts["A"]])[g * r:(g + 1) * r]
+
+    def reader_B(g: int, j: int) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            block = np.asarray(tf[parts["B"]])[g * rows:(g + 1) * rows, :, 0]
+            full = np.zeros((out_features, r), dtype=block.dtype)
+            full[j * rows:(j + 1) * rows] = block
+            return full
+        return read
+
+    return [LoraModule(name=f"{name}[{label}]", rank=r, scale=1.0, in_features=a_shape[1], out_features=out_features,
+                       stored_dtype=tf.dtype(parts["A"]), keys=dict(parts), _read_A=reader_A(g), _read_B=reader_B(g, j))
+            for g, (j, label) in enumerate(enable_lora_blocks(enable))]
+
+
+def _check_index_pairs(tf: TensorFile, groups: dict[str, dict[str, str]]) -> None:
+    """LoRA-ViT pairs an A and a B by their index alone: one without the other is a broken file, not a skip."""
+    for name, parts in groups.items():
+        if "A" not in parts or "B" not in parts:
+            have, lacks = ("w_a", "w_b") if "A" in parts else ("w_b", "w_a")
+            index = name.rsplit("_", 1)[-1]
+            raise RankscopeError(f"{tf.path}: {have}_{index} has no {lacks}_{index}: expected LoRA-ViT's w_a_NNN (r, in) "
+                                 "and w_b_NNN (out, r) in pairs of the same index")
+
+
+def _lora_diffusion_groups(tf: TensorFile, groups: dict[str, dict[str, str]], notes: set[str]) -> dict[str, dict[str, str]]:
+    """cloneofsimo lora_diffusion: each module's rank is also in the metadata (``unet:17:rank``): it must agree with the
+    tensors. Learned token embeddings (``<s1>``, metadata ``<embed>``) are not LoRA pairs and stay skipped."""
+    metadata = getattr(tf, "metadata", None) or {}
+    for name, parts in groups.items():
+        stated = metadata.get(f"{name}:rank")
+        if stated is None or "A" not in parts:
+            continue
+        actual = tf.shape(parts["A"])[0] if tf.shape(parts["A"]) else None
+        if not (stated.strip().isdigit() and int(stated) == actual):
+            raise RankscopeError(f"{tf.path}: metadata {name}:rank is {describe(stated)} but {parts['A']} has "
+                                 f"shape {list(tf.shape(parts['A']))}: expected the rank of its down matrix")
+    embeds = [key for key, value in metadata.items() if value == "<embed>" and key in tf]
+    if embeds:
+        notes.add(f"{len(embeds)} learned token embedding(s) ({', '.join(embeds[:3])}) are not LoRA pairs: skipped")
+    return groups
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -404,61 +531,97 @@ def _metadata_number(tf: TensorFile, key: str) -> float | None:
 
 
 def _module_scale(fmt: str, tf: TensorFile, parts: dict[str, str], config: dict, has_config: bool, name: str,
-                  rank: int, adalora: bool, notes: set[str], patterns: _Patterns) -> float:
-    """The scale of ΔW = scale · B A for one module, by the rules of its format."""
+                  rank: int, adalora: bool, notes: set[str], patterns: _Patterns,
+                  metadata: list[MetadataConfig] | None = None) -> tuple[float, str]:
+    """The scale of ΔW = scale · B A for one module, by the rules of its format, and where it was read from."""
     if "alpha" in parts:  # kohya, and diffusers files converted from kohya
         alpha = _kohya_alpha(tf, parts["alpha"], name)
-        return alpha / rank if alpha else 1.0
+        return (alpha / rank, "alpha tensor") if alpha else (1.0, "alpha tensor 0: alpha = r")
     if adalora:
         # PEFT AdaLoRA: output * scaling / (ranknum + 1e-5), scaling = lora_alpha (or r when alpha is 0).
         alpha = config.get("lora_alpha") or rank
-        return alpha / (rank + 1e-5)
-    if fmt in ("peft", "torchtune") and has_config:
+        return alpha / (rank + 1e-5), "adapter_config.json (AdaLoRA: lora_alpha / ranknum)"
+    if fmt in ("peft", "torchtune", "peft-enable-lora") and has_config:
         return _peft_scale(config, name, rank, notes, patterns)
-    if fmt == "kohya":
+    for entry in metadata or ():
+        if not entry.prefix or name.startswith(entry.prefix + "."):
+            inner = name[len(entry.prefix) + 1:] if entry.prefix else name
+            return _peft_scale(entry.config, inner, rank, notes, entry.patterns, "lora_adapter_metadata")
+    if metadata:
+        notes.add("lora_adapter_metadata has no LoraConfig for some modules' component "
+                  f"(e.g. {name!r}): their scale is taken as 1")
+    if fmt in ("kohya", "comfyui"):
         alpha = _metadata_number(tf, "ss_network_alpha") or 0
-        return alpha / rank if alpha else 1.0
+        if alpha:
+            return alpha / rank, "ss_network_alpha"
+        if fmt == "kohya":
+            return 1.0, "alpha = r: no alpha stored (kohya's default)"
     if fmt == "mlx":
         params = config.get("lora_parameters") or {}
         if "scale" in params:
-            return float(params["scale"])
+            return float(params["scale"]), "mlx-lm lora_parameters.scale"
         if "alpha" in params:
             notes.add("mlx-lm config has alpha but no scale: scale taken as alpha / rank")
-            return float(params["alpha"]) / rank
+            return float(params["alpha"]) / rank, "mlx-lm lora_parameters.alpha / rank"
         notes.add("no mlx-lm lora_parameters.scale found: assumed mlx-lm's default scale 20.0")
-        return 20.0
-    if fmt == "diffusers-peft":
-        alphas = _diffusers_metadata_alphas(tf)
-        if alphas:
-            for prefix, (r, alpha) in alphas.items():
-                if not prefix or name.startswith(prefix + "."):
-                    return alpha / rank
-        return 1.0
+        return 20.0, "assumed mlx-lm's default 20: no scale stored"
+    if fmt == "lora-diffusion":  # LoraInjectedLinear(scale=1.0); tune_lora_scale() changes it at inference only
+        return 1.0, "lora_diffusion's default scale 1"
+    if fmt == "lora-vit":  # LoRA-ViT / SAM LoRA add w_b(w_a(x)) to q and v unscaled
+        return 1.0, "LoRA-ViT applies B A unscaled"
     if fmt in ("peft", "torchtune"):
         notes.add("no adapter_config.json beside the weights: scale taken as 1")
-    return 1.0
+    return 1.0, "assumed 1: no alpha stored"
 
 
-def _diffusers_metadata_alphas(tf: TensorFile) -> dict[str, tuple[int, float]]:
-    """Diffusers writes each component's LoraConfig into ``lora_adapter_metadata`` (when saved)."""
-    raw = tf.metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    source = f"{tf.path} (metadata lora_adapter_metadata)"
-    meta = parse_json(raw, source, "a JSON object of LoRA configs")
+@dataclass
+class MetadataConfig:
+    """One LoraConfig from diffusers' ``lora_adapter_metadata``: for the modules under ``prefix`` ('' = all)."""
+
+    prefix: str
+    config: dict
+    patterns: _Patterns
+
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key for the LoraConfig(s)
+
+
+def adapter_metadata_configs(tf: TensorFile, notes: set[str] | None = None) -> list[MetadataConfig]:
+    """The LoraConfig(s) diffusers keeps in the safetensors metadata ``lora_adapter_metadata``, in any of its layouts:
+    one flat config (``save_lora_adapter``), configs keyed by component prefix (``{"unet": {...}}``), or the
+    pipelines' packed form (``{"unet.r": 4, "unet.lora_alpha": 16, ...}``, ``save_lora_weights``).
+    Longer prefixes first, so ``text_encoder_2`` is never taken for ``text_encoder``."""
+    raw = (getattr(tf, "metadata", None) or {}).get(ADAPTER_METADATA_KEY)
+    if raw is None:
+        return []
+    source = f"{tf.path} (metadata {ADAPTER_METADATA_KEY})"
+    meta = parse_json(raw, source, "a JSON object: diffusers' LoraConfig")
     if not isinstance(meta, dict):
         raise RankscopeError(f"{source} is {describe(meta)}, expected a JSON object of LoRA configs")
-
-    def alpha_of(config: dict, where: str) -> float:
-        alpha = config["lora_alpha"]
-        if not (is_number(alpha) and math.isfinite(alpha)):
-            raise RankscopeError(f"{source}: {where}lora_alpha is {describe(alpha)}, expected a number")
-        return float(alpha)
-
-    out = {}
-    for key, value in meta.items():
-        if isinstance(value, dict) and "lora_alpha" in value:
-            out[key] = (value.get("r"), alpha_of(value, f"{key}."))
-    if not out and "lora_alpha" in meta:  # a single flat config
-        return {"": (meta.get("r"), alpha_of(meta, ""))}
+    configs = split_adapter_metadata(meta)
+    if not configs:
+        if notes is not None:
+            notes.add(f"{ADAPTER_METADATA_KEY} holds no LoraConfig (no \"r\" or \"lora_alpha\"): ignored")
+        return []
+    out = []
+    for prefix, config in sorted(configs.items(), key=lambda item: -len(item[0])):
+        where = f"{source[:-1]}, {prefix})" if prefix else source
+        check_adapter_config(config, where)
+        out.append(MetadataConfig(prefix, config, _Patterns(config, where)))
     return out
+
+
+def split_adapter_metadata(meta: dict) -> dict[str, dict]:
+    """{component prefix ('' for a flat config): its LoraConfig} from a parsed ``lora_adapter_metadata``."""
+    if "r" in meta or "lora_alpha" in meta:
+        return {"": meta}
+    configs = {key: value for key, value in meta.items()
+               if isinstance(value, dict) and ("r" in value or "lora_alpha" in value)}
+    packed: dict[str, dict] = defaultdict(dict)
+    for key, value in meta.items():
+        if "." in key:
+            prefix, field_name = key.split(".", 1)
+            packed[prefix][field_name] = value
+    configs.update({prefix: config for prefix, config in packed.items()
+                    if ("r" in config or "lora_alpha" in config) and prefix not in configs})
+    return configs

@@ -267,8 +267,10 @@ def parse_structured(tf: TensorFile, config: dict | None, format: str | None = N
             check_float_tensor(tf, parts[part], name)
         if is_peft:
             scale = _peft_scale(config, name, r, notes, patterns)
+            source = "adapter_config.json" if config is not None else "assumed 1: no adapter_config.json"
         else:
             scale = _lycoris_scale(tf, parts, name, r)
+            source = "alpha tensor" if "alpha" in parts else "assumed 1: no alpha stored"
         conv = any(len(tf.shape(parts[p])) > 2 for p in factors)
         first = parts.get("hada_w1_a") or parts.get("lokr_w1") or parts.get("lokr_w1_a")
         structure = {"method": method, "r": r, "factors": {k: list(v) for k, v in flat.items()},
@@ -276,7 +278,7 @@ def parse_structured(tf: TensorFile, config: dict | None, format: str | None = N
                      "params": int(sum(np.prod(tf.shape(parts[p])) for p in factors)),
                      "tucker": any(p in parts for p in ("hada_t1", "lokr_t2"))}
         modules.append(LoraModule(
-            name=name, rank=rank_bound(method, flat), scale=scale, in_features=in_features,
+            name=name, rank=rank_bound(method, flat), scale=scale, scale_source=source, in_features=in_features,
             out_features=out_features, stored_dtype=tf.dtype(first), layer_type="conv" if conv else "linear",
             dora="dora_scale" in parts, keys=dict(parts), method=method, structure=structure, _read_parts=read))
         claimed.update(parts.values())

@@ -432,7 +432,7 @@ _SUMMARY = obj(
               "total_ranks": integer(minimum=0), "top10_share": _BAND, "top10_share_uniform": _maybe_number,
               "effective_rank_ratio": _BAND, "gini": _BAND, "deciles": _DECILE_BAND, "errors": list_of(string())},
     optional={"by_layer": _GROUP, "by_kind": _GROUP, "spectral_modules": integer(minimum=0),
-              "verdict": nullable(obj(required={"sentence": string()}))},
+              "verdict": nullable(obj(required={"sentence": string()})), "scale_sources": list_of(string())},
     extra=_spectral_summary,
 )
 
@@ -466,7 +466,7 @@ _MODULE = obj(
                                           optional={level: nullable(integer(minimum=0)) for level in _ENERGY_LEVELS})),
               "stable_rank": _maybe_number, "spectral_effective_rank": _maybe_number,
               "scores": list_of(_maybe_number), "adalora_E": list_of(_maybe_number), "error": string(),
-              "layer_type": string(), "dtype": string()},
+              "layer_type": string(), "dtype": string(), "scale_source": string()},
     extra=_module_fields_agree,
 )
 _SNAPSHOT = obj(

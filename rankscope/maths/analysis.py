@@ -81,6 +81,8 @@ def module_entry(module: LoraModule, importance: np.ndarray | None, spectrum: np
         "layer_type": module.layer_type,
         "dtype": module.stored_dtype,
     }
+    if module.scale_source:
+        entry["scale_source"] = module.scale_source  # where the scale was read from (lora_adapter_metadata, ...)
     if importance is None:
         entry.update(importance=None, deciles=None, error=error)
         return entry
@@ -207,6 +209,9 @@ def summarize(modules: list[dict[str, Any]]) -> dict[str, Any]:
     undefined = sum(1 for m in modules if m.get("per_rank_undefined"))
     if undefined:
         summary["per_rank_undefined"] = undefined
+    sources = sorted({m["scale_source"] for m in modules if m.get("scale_source")})
+    if sources:
+        summary["scale_sources"] = sources
     summary["verdict"] = utilisation_verdict(summary)
     return summary
 
@@ -339,6 +344,7 @@ def record_snapshot(record: dict[str, Any], path: str | os.PathLike, spectrum: b
             name, rank, (out_features, in_features) = str(m["name"]), int(m["rank"]), m["shape"]
             module = LoraModule(name=name, rank=rank, scale=float(m["scale"]), in_features=int(in_features),
                                 out_features=int(out_features), stored_dtype=str(m.get("dtype", "")),
+                                scale_source=str(m.get("scale_source", "")),
                                 layer_type=str(m.get("layer_type", "linear")), dora=bool(m.get("dora", False)),
                                 E=_array(m.get("E"), name, "E", rank), scores=_array(m.get("scores"), name, "scores", rank))
             importance = _array(m.get("importance"), name, "importance", rank)

@@ -48,6 +48,14 @@ def per_rank_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scale_sources_text(sources: list[str]) -> str:
+    """Where the scales were read from, after them: `` (lora_adapter_metadata)``; a few at most."""
+    if not sources:
+        return ""
+    shown = "; ".join(sources[:3]) + (f"; +{len(sources) - 3} more" if len(sources) > 3 else "")
+    return f" ({shown})"
+
+
 def summary_lines(document: dict[str, Any]) -> list[str]:
     """The terminal summary of an analysis document: the last snapshot in both views, plus the series' span."""
     snapshots = document["snapshots"]
@@ -59,7 +67,7 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         where += f", {document['layout']}, {len(snapshots)} snapshots, steps {steps[0]}–{steps[-1]}; showing the last"
     where += ")"
     ranks = ", ".join(map(str, s["ranks"]))
-    scales = ", ".join(f"{x:g}" for x in s["scales"])
+    scales = ", ".join(f"{x:g}" for x in s["scales"]) + scale_sources_text(s.get("scale_sources") or [])
     lines = [
         f"rankscope: {where}",
         f"  modules        {s['modules']}   ranks {ranks}   scale {scales}   ({s['total_ranks']} ranks in all"
@@ -167,6 +175,18 @@ def _config_lines(result: dict[str, Any]) -> list[str]:
         return [f"  mlx-lm         \"lora_parameters\": {{\"rank\": {peft['r']}, \"scale\": {scale:g}}}   "
                 "(mlx-lm takes one rank for all modules; rank_pattern below is per module)",
                 f"  rank_pattern   {peft['rank_pattern']!r}"]
+    rows = result["modules"]
+    if fmt == "peft-enable-lora":  # PEFT 0.2's MergedLinear: one r for every module, no rank_pattern
+        r = max(row["suggested"] for row in rows)
+        scales = {row["scale"] for row in rows}
+        alpha = f"{scales.pop() * r:g}" if len(scales) == 1 else "scale·r"
+        return [f"  PEFT 0.2       r={r}, lora_alpha={alpha} (enable_lora adapters take one r for all modules: the largest "
+                "suggested; rankscope resize writes it with the smaller ranks zero-padded)"]
+    if fmt in ("lora-diffusion", "lora-vit"):  # no alpha: the rank alone (lora_diffusion keeps it in `<name>:rank`)
+        ranks = {row["name"]: row["suggested"] for row in rows}
+        if len(set(ranks.values())) == 1:
+            return [f"  ranks          all {len(ranks)} modules: rank {next(iter(ranks.values()))}"]
+        return ["  ranks          " + ", ".join(f"{name}: {k}" for name, k in ranks.items())]
     kohya = result["kohya"]
     if len({(v["rank"], v["alpha"]) for v in kohya.values()}) == 1:
         v = next(iter(kohya.values()))
