@@ -99,21 +99,27 @@ def _relay(stream: Any, label: str) -> None:
 def run_parallel(out: Path, steps: int, held_out: int, jobs: int = 2) -> dict[str, dict[str, Any]]:
     """Both runs in their own processes; a failure in one stops the other and is raised as one error."""
     workers = {method: _worker(method, out, steps, held_out, jobs) for method in METHODS}
-    relays = [threading.Thread(target=_relay, args=(w.stderr, m), daemon=True) for m, w in workers.items()]
-    for relay in relays:
-        relay.start()
+    stdout: dict[str, list[str]] = {method: [] for method in METHODS}
+    readers = [threading.Thread(target=_relay, args=(w.stderr, m), daemon=True) for m, w in workers.items()]
+    readers += [threading.Thread(target=lambda w=w, m=m: stdout[m].extend(w.stdout), daemon=True)
+                for m, w in workers.items()]
+    for reader in readers:
+        reader.start()
     try:
-        stdout = {method: worker.communicate()[0] for method, worker in workers.items()}
+        while any(w.poll() is None for w in workers.values()):
+            if any(w.poll() not in (None, 0) for w in workers.values()):
+                break  # the other run is stopped below: one failure ends the demo
+            time.sleep(0.5)
     finally:
         for worker in workers.values():
             if worker.poll() is None:
                 worker.terminate()
                 worker.wait()
-        for relay in relays:
-            relay.join(timeout=5)
+        for reader in readers:
+            reader.join(timeout=5)
     results = {}
     for method, worker in workers.items():
-        lines = [line for line in stdout[method].splitlines() if line.startswith(RESULT_PREFIX)]
+        lines = [line for line in stdout[method] if line.startswith(RESULT_PREFIX)]
         if worker.returncode != 0 or not lines:
             raise BeamLoraError(f"the {method} run stopped (exit status {worker.returncode}); its log lines, "
                                 f"prefixed [{method}], say why")
