@@ -173,8 +173,28 @@ def _seeded_init(model: "torch.nn.Module", names: Sequence[str], seed: int, std:
                 p.fill_(1.0)
 
 
-def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> tuple[Any, Any]:
-    """(AutoModelForSequenceClassification, tokenizer) with a ``num_labels`` head drawn from ``seed``."""
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --weights-dtype: torch's names
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """``torch.float32`` / ``bfloat16`` / ``float16`` for "fp32" / "bf16" / "fp16"."""
+    if name not in DTYPES:
+        raise RankscopeError(f"dtype {name!r}, expected one of {', '.join(DTYPES)}")
+    torch = _require("torch", "pip install -e .")
+    return getattr(torch, DTYPES[name])
+
+
+def dtype_kwargs(name: str) -> dict[str, Any]:
+    """``from_pretrained`` / ``from_config`` keywords that load weights in ``name``: ``dtype=`` (transformers 4.56 on;
+    passed always, since transformers 5 otherwise loads a checkpoint's own dtype) or ``torch_dtype=`` before it."""
+    transformers = _require("transformers", "pip install -e .")
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype(name)}
+
+
+def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0, dtype: str = "fp32") -> tuple[Any, Any]:
+    """(AutoModelForSequenceClassification, tokenizer) with a ``num_labels`` head drawn from ``seed``; its weights
+    in ``dtype`` ("fp32", "bf16" or "fp16")."""
     _offline(spec)
     if num_labels < 2:
         raise RankscopeError(f"num_labels={num_labels}, expected at least 2")
@@ -183,7 +203,7 @@ def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> 
     _require("torch", "pip install -e .")
     try:
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, output_loading_info=True)
+            path, num_labels=num_labels, output_loading_info=True, **dtype_kwargs(dtype))
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a sequence classifier ({str(e).splitlines()[0]})") from None
@@ -218,6 +238,11 @@ def load_tokenizer(spec: str | os.PathLike) -> tuple[Any, str | None]:
     return tokenizer, note
 
 
+def load_config(spec: str | os.PathLike) -> tuple[Path | str, Any]:
+    """(local path, transformers config) of a model, read offline from its config.json: no weights load."""
+    return _from_pretrained(spec, "AutoConfig", "read its config")
+
+
 def check_causal_lm(spec: str | os.PathLike) -> None:
     """Refuse, from config.json alone, a model whose trained head is not a language-model head."""
     path, config = _from_pretrained(spec, "AutoConfig", "read its config")
@@ -227,8 +252,9 @@ def check_causal_lm(spec: str | os.PathLike) -> None:
                             "with a language-model head (…ForCausalLM)")
 
 
-def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None) -> tuple[Any, Any]:
-    """(AutoModelForCausalLM in fp32, tokenizer) for ``"smollm2"``, a local folder or a hub id.
+def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None, dtype: str = "fp32") -> tuple[Any, Any]:
+    """(AutoModelForCausalLM, tokenizer) for ``"smollm2"``, a local folder or a hub id; its weights in ``dtype``
+    ("fp32", "bf16" or "fp16").
 
     A model whose language-model head is not in its weights (it would be random) is refused.
     """
@@ -236,7 +262,8 @@ def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None) -> tuple[Any,
     path = model_path(spec)
     transformers = _require("transformers", "pip install -e .")
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                                        **dtype_kwargs(dtype))
     except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     head = model.get_output_embeddings()
