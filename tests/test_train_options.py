@@ -260,12 +260,14 @@ def _short(bert_folder, reviews, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
-def test_grad_accum_2_equals_the_same_global_batch_in_one_step(tmp_path, bert_folder, reviews):
-    # Without dropout, 2 micro-batches of 4 accumulated are the maths of one batch of 8: the same adapter, the same
-    # BeamLoRA operations (at optimizer step 2, not micro-batch 2).
+def test_grad_accum_2_with_checkpointing_equals_the_same_global_batch_in_one_step(tmp_path, bert_folder, reviews):
+    # Without dropout, 2 micro-batches of 4 accumulated are the maths of one batch of 8, and recomputing the
+    # activations (gradient checkpointing) changes no number: the same adapter, the same BeamLoRA operations (at
+    # optimizer step 2, not micro-batch 2).
     finals, events = {}, {}
     for accumulation in (1, 2):
-        run = train(_short(bert_folder, reviews, tmp_path / f"ga{accumulation}", grad_accum=accumulation), **QUIET)
+        run = train(_short(bert_folder, reviews, tmp_path / f"ga{accumulation}", grad_accum=accumulation,
+                           gradient_checkpointing=accumulation == 2), **QUIET)
         finals[accumulation] = load_file(run.run_dir / "final" / "adapter_model.safetensors")
         events[accumulation] = [json.loads(line) for line in (run.run_dir / "events.jsonl").read_text().splitlines()]
     assert finals[1].keys() == finals[2].keys()
@@ -314,7 +316,10 @@ def test_cosine_schedule_with_warmup_gives_the_formula_s_learning_rates(tmp_path
 
     config = TrainConfig(method="lora", steps=12, batch_size=8, lr=1e-2, lr_scheduler="cosine", warmup_ratio=0.2)
     prepared = Prepared(config, None, "cpu", 1, 8, 96, 12)
+    checkpointed = Prepared(dataclasses.replace(config, gradient_checkpointing=True), None, "cpu", 1, 8, 96, 12)
+    assert training_arguments(checkpointed, tmp_path / "t", 0, progress=False).gradient_checkpointing is True
     args = training_arguments(prepared, tmp_path / "trainer", 0, progress=False)
+    assert args.gradient_checkpointing is False
     args.logging_steps = 1
     trainer = Trainer(model=bert_lora().train(), args=args, train_dataset=TokenData())
     trainer.train()
