@@ -192,7 +192,17 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
         the last evaluation) goes into every checkpoint, so a resumed run writes the same numbers."""
 
         def __init__(self):
-            self.losses: list[float] = []
+            self.losses: list[float] = []  # one a completed optimizer step
+            self.loss_step: int | None = None  # the step the last entry of losses belongs to
+
+        def add_loss(self, step: int, value: float) -> None:
+            """A micro-batch's share of the loss of optimizer step ``step`` (Trainer scales each micro-batch's loss
+            so that the shares of one step add up to its loss, whatever --grad-accum is)."""
+            if self.losses and self.loss_step == step:
+                self.losses[-1] += value
+            else:
+                self.losses.append(value)
+            self.loss_step = step
 
         def state(self) -> dict[str, Any]:
             return {"metrics": metrics, "losses": self.losses}
@@ -214,7 +224,7 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
             record = {"step": step, **evaluate(model)}
             if self.losses:
                 record["train_loss"] = sum(self.losses) / len(self.losses)
-                self.losses = []
+                self.losses, self.loss_step = [], None
             check_metrics(record, step, run_dir)
             metrics.append(record)
             self.write()
@@ -248,7 +258,7 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
             # so Trainer would skip dividing by grad_accum: accumulated gradients would be grad_accum times too big.
             trainer.model_accepts_loss_kwargs = False
         quiet_logs(trainer, progress)
-        guard_loss(trainer, run_dir, on_loss=lambda value: held_out.losses.append(value))
+        guard_loss(trainer, run_dir, on_loss=lambda value: held_out.add_loss(trainer.state.global_step, value))
         trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
     if stop.signum is not None:
         where = ("a checkpoint was written: continue with the same command and --resume" if every

@@ -267,7 +267,7 @@ def test_grad_accum_2_with_checkpointing_equals_the_same_global_batch_in_one_ste
     finals, events = {}, {}
     for accumulation in (1, 2):
         run = train(_short(bert_folder, reviews, tmp_path / f"ga{accumulation}", grad_accum=accumulation,
-                           gradient_checkpointing=accumulation == 2), **QUIET)
+                           gradient_checkpointing=accumulation == 2, snapshot_every=2, trace_every=2), **QUIET)
         finals[accumulation] = load_file(run.run_dir / "final" / "adapter_model.safetensors")
         events[accumulation] = [json.loads(line) for line in (run.run_dir / "events.jsonl").read_text().splitlines()]
     assert finals[1].keys() == finals[2].keys()
@@ -276,6 +276,16 @@ def test_grad_accum_2_with_checkpointing_equals_the_same_global_batch_in_one_ste
     assert {e["step"] for e in events[2]} == {2} and sum(len(e["pruned"]) for e in events[2]) > 0
     assert [(e["module"], e["pruned"], e["sources"]) for e in events[2]] == \
            [(e["module"], e["pruned"], e["sources"]) for e in events[1]]
+    # the training loss in metrics.jsonl is per optimizer step (its micro-batches' shares added), not per micro-batch
+    losses = [json.loads((tmp_path / f"ga{a}" / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
+              for a in (1, 2)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # snapshots and the rank trace count optimizer steps too
+    for accumulation in (1, 2):
+        run_dir = tmp_path / f"ga{accumulation}"
+        assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000002", "step-000004"]
+        trace = [json.loads(line)["step"] for line in (run_dir / "rank_trace.jsonl").read_text().splitlines()]
+        assert trace[-2:] == [2, 4] and set(trace) <= {0, 2, 4}
     config = json.loads((tmp_path / "ga2" / "config.json").read_text())
     assert (config["grad_accum"], config["batch_size"], config["steps"]) == (2, 8, 4)
 
