@@ -276,6 +276,8 @@ def test_grad_accum_2_with_checkpointing_equals_the_same_global_batch_in_one_ste
     assert {e["step"] for e in events[2]} == {2} and sum(len(e["pruned"]) for e in events[2]) > 0
     assert [(e["module"], e["pruned"], e["sources"]) for e in events[2]] == \
            [(e["module"], e["pruned"], e["sources"]) for e in events[1]]
+    for a, b in zip(events[2], events[1]):  # the scores' gradients accumulate over micro-batches like any other's
+        assert a["importance"] == pytest.approx(b["importance"], rel=1e-4)
     # the training loss in metrics.jsonl is per optimizer step (its micro-batches' shares added), not per micro-batch
     losses = [json.loads((tmp_path / f"ga{a}" / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
               for a in (1, 2)]
