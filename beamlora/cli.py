@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from beamlora.config import ABLATIONS, MAX_SEED
-from beamlora.train import TrainConfig
-from rankscope.cli import run
+from beamlora.config import (
+    ABLATIONS,
+    DEVICES,
+    LR_SCHEDULERS,
+    MAX_SEED,
+    OPTIMIZER_STATES,
+    PRECISIONS,
+    SCOPES,
+    TrainConfig,
+)
+from beamlora.configfile import merge, read_config_file
+from rankscope.cli import emit_json, run
 from rankscope.errors import RankscopeError
 from rankscope.tasks.runconfig import TASK_DEFAULTS, TASKS
 
@@ -45,11 +57,14 @@ def _task_default(name: str) -> str:
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA rank r. " + _task_default("rank"))
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True),
               help="LoRA alpha (scale alpha / r). " + _task_default("alpha"))
-@click.option("--targets", help="Comma-separated LoRA target modules (default: the model's attention projections).")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps. " + _task_default("steps"))
-@click.option("--batch-size", type=click.IntRange(min=1), help=_task_default("batch_size"))
+@click.option("--targets", help="Comma-separated LoRA target modules, or all-linear (PEFT: every linear layer but the "
+                                "output head). [default: the model's attention projections]")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (or --epochs). " + _task_default("steps"))
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="The global batch of one optimizer step: micro-batch × --grad-accum × processes (under torchrun, "
+                   "each of N processes takes batch / N). " + _task_default("batch_size"))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
-              help="AdamW learning rate (linear decay). " + _task_default("lr"))
+              help="AdamW peak learning rate (see --lr-scheduler). " + _task_default("lr"))
 @click.option("--max-length", type=click.IntRange(min=8),
               help="Tokens per training sequence; sft: an over-long prompt loses its start. " + _task_default("max_length"))
 @click.option("--p-init", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.p_init, show_default=True,
@@ -79,29 +94,71 @@ def _task_default(name: str) -> str:
 @click.option("--resume", is_flag=True,
               help="Continue the killed run in RUN_DIR from its last complete checkpoint (the same options).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def train(task: str, model: str | None, data: str | None, method: str, rank: int | None, alpha: float | None,
-          targets: str | None, steps: int | None, batch_size: int | None, lr: float | None, max_length: int | None,
-          p_init: float, delta_t: int | None, ablation: str, snapshot_every: int, trace_every: int, eval_every: int,
-          held_out: int | None, seed: int, out: Path, checkpoint_every: int | None, overwrite: bool, resume: bool,
-          progress: bool) -> None:
+@click.option("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="A YAML or JSON file of these options (keys as TrainConfig's fields: grad_accum, lr_scheduler, ...; "
+                   "a run's config.json works too); options given on the command line win.")
+@click.option("--epochs", type=float, help="Run length in passes over the training split instead of --steps "
+                                           "(steps = ceil(train examples / batch) × epochs).")
+@click.option("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step (--batch-size stays the "
+                                             "global batch and must divide by it). [default: 1]")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Mixed precision through Trainer: bf16 (GPU from "
+              "Ampere on, or CPU autocast) or fp16 (GPU only); trainable weights stay fp32. [default: fp32]")
+@click.option("--weights-dtype", type=click.Choice(PRECISIONS),
+              help="dtype the frozen base weights load in (bf16 halves a 7B model's memory). [default: fp32]")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in the backward pass: less memory, more time. [default: off]")
+@click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), help="Learning-rate schedule after the warm-up. "
+                                                                     "[default: linear]")
+@click.option("--warmup-steps", type=int, help="Linear warm-up from 0 over N optimizer steps. [default: 0]")
+@click.option("--warmup-ratio", type=float, help="Warm-up as a share of the steps (rounded up), instead of --warmup-steps.")
+@click.option("--end-step", type=int, help="BeamLoRA: the step where p reaches 1 and operations stop. "
+                                           "[default: two thirds of the steps]")
+@click.option("--temperature", type=float, help="BeamLoRA: T in w = r · softmax(s / T). [default: 0.05; the authors: "
+                                                "0.03 for learning rates below 1e-4]")
+@click.option("--scope", type=click.Choice(SCOPES), help="BeamLoRA: one top-p cut over all modules (global, the "
+                                                         "authors' code) or per module (the paper). [default: global]")
+@click.option("--optimizer-state", type=click.Choice(OPTIMIZER_STATES),
+              help="BeamLoRA: what a refilled slot gets of Adam's moments. [default: history]")
+@click.option("--device", type=click.Choice(DEVICES), help="auto: CUDA where there is one, else the CPU. [default: auto]")
+@click.option("--dry-run", is_flag=True, help="Resolve everything (model, target modules, data size, steps, the "
+                                             "BeamLoRA schedule) and print the plan; train nothing, write nothing.")
+@click.option("--json", "json_target", metavar="FILE|-", help="--dry-run: write the plan as JSON to FILE, or to stdout "
+                                                              "with '-'.")
+@click.pass_context
+def train(ctx: click.Context, overwrite: bool, resume: bool, progress: bool, config_file: Path | None, dry_run: bool,
+          json_target: str | None, **options: Any) -> None:
     """Train a LoRA or BeamLoRA adapter and report held-out accuracy (sft: loss and exact match).
 
     With no options: MiniLM (all-MiniLM-L6-v2) sequence classification on Rotten Tomatoes
     critic snippets, r=16 on query/key/value/attention output, 300 steps of batch 16, BeamLoRA
     with p_init 0.95 and Δt 50. `--task sft`: SmolLM2-135M-Instruct on generated arithmetic word
-    problems (GSM8K answer format), exact match before and after. The run folder then reads with
-    `rankscope analyze RUN_DIR`.
+    problems (GSM8K answer format), exact match before and after. --batch-size is the global batch
+    (micro-batch × --grad-accum × processes). The run folder then reads with `rankscope analyze RUN_DIR`.
     """
+    if json_target is not None and not dry_run:
+        raise RankscopeError("--json writes the plan of --dry-run, expected --dry-run with it")
+    given = {name: _option_value(name, value) for name, value in options.items()
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    from_file = {name: _option_value(name, value)
+                 for name, value in (read_config_file(config_file) if config_file else {}).items()}
+    config = TrainConfig(**merge(from_file, given))
+    if dry_run:
+        # imported on use: torch, peft and transformers load only when a plan or a run needs them
+        from beamlora.plan import dry_run as make_plan
+        from beamlora.plan import plan_lines
+
+        plan = make_plan(config)
+        if json_target:
+            emit_json(json.dumps(plan, indent=2, allow_nan=False), json_target, plan_lines(plan))
+        else:
+            for line in plan_lines(plan):
+                click.echo(line)
+        return
     # imported on use: torch, peft and transformers load only when training starts
     from beamlora.train import train as run_training
 
-    config = TrainConfig(task=task, model=model, data=data, method=method, rank=rank, alpha=alpha,
-                         targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-                         steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, p_init=p_init,
-                         delta_t=delta_t, ablation=ablation, snapshot_every=snapshot_every or None, eval_every=eval_every or None,
-                         held_out=held_out, trace_every=trace_every or None, seed=seed, out=str(out),
-                         checkpoint_every=checkpoint_every)
     result = run_training(config, overwrite=overwrite, progress=progress, resume=resume)
+    method, ablation = config.method, config.ablation
     events = f", {result.events} BeamLoRA events" if method == "beamlora" else ""
     if ablation != "none":
         events += f" (ablation {ablation})"
@@ -111,6 +168,20 @@ def train(task: str, model: str | None, data: str | None, method: str, rank: int
         click.echo(f"{method} on {config.model} / {config.data}: held-out accuracy {result.accuracy:.4f} "
                    f"(majority class {result.majority_rate:.4f}){events}")
     click.echo(f"  run folder     {result.run_dir}   (rankscope analyze {result.run_dir} --out {result.run_dir}/report)")
+
+
+_ZERO_IS_NONE = ("snapshot_every", "trace_every", "eval_every")  # 0 on the command line or in a file: none
+
+
+def _option_value(name: str, value: Any) -> Any:
+    """An option as TrainConfig takes it: --targets split at commas, 0 for 'none' as None, a path as a string."""
+    if name == "targets" and isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()] or None
+    if name in _ZERO_IS_NONE and value == 0:
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _sft_summary(metrics: list[dict]) -> str:

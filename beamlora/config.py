@@ -10,6 +10,7 @@ from typing import Any
 
 from beamlora.errors import BeamLoraError
 from rankscope.maths.schedule import MIN_DELTA_T, default_end_step
+from rankscope.tasks.placement import DEVICES, PRECISIONS
 from rankscope.tasks.runconfig import TASK_DEFAULTS, TASKS
 
 SCOPES = ("global", "module")
@@ -106,7 +107,10 @@ class BeamLoraConfig:
 
 
 METHODS = ("lora", "beamlora")
-
+# PRECISIONS: --precision (autocast) and --weights-dtype (the frozen base weights); DEVICES: --device. The same
+# choices as rankscope sweep / resize --validate (rankscope.tasks.placement).
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+ALL_LINEAR = "all-linear"  # PEFT's target_modules="all-linear": every Linear / Conv1D but the output head
 
 
 @dataclass
@@ -135,6 +139,22 @@ class TrainConfig:
             at each snapshot (or every tenth of the run without snapshots); 0: none.
         trace_every: steps between rank-trace records (``rank_trace.jsonl``: importances and spectra,
             read by ``rankscope analyze`` as the dense time axis); None: no trace.
+        steps / epochs: the run's length in optimizer steps, or in passes over the training split (then
+            ``steps = ceil(ceil(train examples / batch_size) · epochs)``, resolved once the data is read by
+            :func:`resolve_steps`); give one of the two (neither: the task's default steps).
+        batch_size: the GLOBAL batch of one optimizer step: micro-batch × ``grad_accum`` × processes.
+        grad_accum: micro-batches accumulated per optimizer step (``batch_size`` must divide by it). Every step
+            count (Δt, end_step, snapshots, traces, events, checkpoints) counts optimizer steps.
+        precision: "fp32", or mixed precision through Trainer: "bf16" (autocast; CPUs support it too) or "fp16"
+            (autocast with loss scaling; CUDA only). Trainable weights (LoRA, scores) stay float32.
+        weights_dtype: the dtype the frozen base weights are loaded in ("fp32", "bf16", "fp16"): what makes a 7B
+            model fit; the LoRA weights and BeamLoRA scores stay float32 whatever it is.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).
+        lr_scheduler: "linear" (decay to 0), "cosine" or "constant", each after ``warmup_steps`` (or
+            ``warmup_ratio`` of the steps, rounded up) of linear warm-up from 0; give at most one of the two.
+        end_step: BeamLoRA: the step where p reaches 1 and operations stop (None: two thirds of the steps).
+        temperature / scope / optimizer_state: BeamLoRA: see :class:`BeamLoraConfig`.
+        device: "auto" (CUDA where there is one, else the CPU), "cpu", "cuda" or "mps".
     """
 
     task: str = "classification"
@@ -161,19 +181,56 @@ class TrainConfig:
     held_out: int | None = None
     max_length: int | None = None
     out: str = "runs/default"
+    epochs: float | None = None
+    grad_accum: int = 1
+    precision: str = "fp32"
+    weights_dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    lr_scheduler: str = "linear"
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    end_step: int | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise BeamLoraError(f"task {self.task!r}, expected one of {', '.join(TASKS)}")
+        if self.epochs is not None:
+            if self.steps is not None:
+                raise BeamLoraError(f"steps={self.steps} and epochs={self.epochs}: expected one of the two "
+                                    "(the run's length in optimizer steps or in passes over the data)")
+            if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not (
+                    math.isfinite(self.epochs) and self.epochs > 0):
+                raise BeamLoraError(f"epochs={self.epochs!r}, expected a positive, finite number")
         for name, value in TASK_DEFAULTS[self.task].items():
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and not (name == "steps" and self.epochs is not None):
                 setattr(self, name, value)
         if self.method not in METHODS:
             raise BeamLoraError(f"method {self.method!r}, expected one of {', '.join(METHODS)}")
-        for name in ("rank", "steps", "batch_size", "held_out", "max_length"):
+        for name in ("rank", "steps", "batch_size", "held_out", "max_length", "grad_accum"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is None and name == "steps" and self.epochs is not None:
+                continue  # resolved from the data by resolve_steps
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BeamLoraError(f"{name}={value!r}, expected a positive integer")
+        if self.batch_size % self.grad_accum:
+            raise BeamLoraError(f"batch_size={self.batch_size} with grad_accum={self.grad_accum}: the global batch "
+                                "is micro-batch × grad_accum, expected a batch_size that grad_accum divides")
+        for name, allowed in (("precision", PRECISIONS), ("weights_dtype", PRECISIONS),
+                              ("lr_scheduler", LR_SCHEDULERS), ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                raise BeamLoraError(f"{name}={getattr(self, name)!r}, expected one of {', '.join(allowed)}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise BeamLoraError(f"gradient_checkpointing={self.gradient_checkpointing!r}, expected true or false")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise BeamLoraError(f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio}: expected "
+                                "at most one of the two")
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or not isinstance(
+                self.warmup_steps, int) or self.warmup_steps < 0):
+            raise BeamLoraError(f"warmup_steps={self.warmup_steps!r}, expected an integer ≥ 0")
+        if self.warmup_ratio is not None and (isinstance(self.warmup_ratio, bool) or not isinstance(
+                self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1):
+            raise BeamLoraError(f"warmup_ratio={self.warmup_ratio!r}, expected a number in [0, 1)")
         for name in ("lr", "alpha"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -183,12 +240,56 @@ class TrainConfig:
         if self.ablation != "none" and self.method != "beamlora":
             raise BeamLoraError(f"ablation={self.ablation!r} with method={self.method!r}: the ablations change "
                                 "BeamLoRA's operations, expected method 'beamlora' (or ablation 'none')")
+        if self.targets is not None and ALL_LINEAR in self.targets and len(self.targets) > 1:
+            raise BeamLoraError(f"targets={self.targets!r}: {ALL_LINEAR!r} stands alone, expected it or module names")
         # The BeamLoRA fields (p_init, Δt, ablation, seed, ...) are checked now, whatever the method, so
-        # a bad option fails before anything is written.
+        # a bad option fails before anything is written (with epochs, the steps are checked once resolved).
         self.beamlora_config(None)
 
+    @property
+    def peft_targets(self) -> list[str] | str | None:
+        """``target_modules`` as PEFT takes it: the string ``"all-linear"`` or a list of names (None: the model's)."""
+        return ALL_LINEAR if self.targets == [ALL_LINEAR] else self.targets
+
     def beamlora_config(self, output_dir: Path | None):
-        return BeamLoraConfig(p_init=self.p_init, delta_t=self.delta_t, total_steps=self.steps,
+        # Before resolve_steps an epochs-based run has no step count: the other fields are checked against a
+        # stand-in length that end_step and Δt fit in.
+        total = self.steps if self.steps is not None else max(self.delta_t, self.end_step or 1)
+        return BeamLoraConfig(p_init=self.p_init, delta_t=self.delta_t, total_steps=total, end_step=self.end_step,
                               temperature=self.temperature, scope=self.scope, optimizer_state=self.optimizer_state,
                               ablation=self.ablation, seed=self.seed, snapshot_every=self.snapshot_every,
                               output_dir=output_dir)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up in optimizer steps: ``warmup_steps``, or ``ceil(warmup_ratio · steps)`` (as transformers rounds)."""
+        if self.warmup_ratio is not None:
+            return math.ceil(self.warmup_ratio * self.steps)
+        return self.warmup_steps or 0
+
+
+def steps_per_epoch(train_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``train_examples`` with a global batch of ``batch_size`` (the last one short)."""
+    return -(-train_examples // batch_size)
+
+
+def resolve_steps(config: TrainConfig, train_examples: int) -> TrainConfig:
+    """``config`` with its steps fixed: from ``epochs`` and the training split's size where given, else as is.
+
+    An epochs-based BeamLoRA run shorter than one Δt is refused (no operation could run)."""
+    if config.epochs is None:
+        return config
+    per_epoch = steps_per_epoch(train_examples, config.batch_size)
+    steps = max(1, math.ceil(per_epoch * config.epochs - 1e-9))
+    if config.method == "beamlora" and steps < config.delta_t:
+        raise BeamLoraError(f"epochs={config.epochs} gives {steps} optimizer steps ({train_examples} training examples, "
+                            f"batch {config.batch_size}: {per_epoch} an epoch), fewer than one delta_t={config.delta_t}; "
+                            "expected at least Δt steps so that BeamLoRA can operate")
+    return _with_steps(config, steps)
+
+
+def _with_steps(config: TrainConfig, steps: int) -> TrainConfig:
+    # The run records both: epochs (what was asked) and steps (what it resolved to). replace() would refuse both.
+    resolved = dataclasses.replace(config, epochs=None, steps=steps)
+    resolved.epochs = config.epochs
+    return resolved

@@ -75,7 +75,7 @@ def sft_parts(config: "TrainConfig", progress: bool = True, log: Callable[[str],
     from transformers import set_seed
 
     set_seed(config.seed)
-    model, tokenizer = models.load_causal_lm(config.model, tokenizer)
+    model, tokenizer = models.load_causal_lm(config.model, tokenizer, dtype=config.weights_dtype)
     keep_logits = sft.accepts_logits_to_keep(model)
     generations: list[dict[str, Any]] = []
 
@@ -108,13 +108,14 @@ def classification_parts(config: TrainConfig, dataset: TextDataset | None = None
 
     set_seed(config.seed)
     if kind == "classification":
-        model, tokenizer = models.load_classifier(config.model, len(dataset.label_names), seed=config.seed)
+        model, tokenizer = models.load_classifier(config.model, len(dataset.label_names), seed=config.seed,
+                                                  dtype=config.weights_dtype)
         train_data = encode_classification(train_set, tokenizer, config.max_length)
         eval_data = encode_classification(held_out, tokenizer, config.max_length)
         collate = DataCollatorWithPadding(tokenizer)
         evaluate = lambda m: classification_metrics(m, eval_data, collate)  # noqa: E731
     else:
-        model, tokenizer = models.load_causal_lm(config.model)
+        model, tokenizer = models.load_causal_lm(config.model, dtype=config.weights_dtype)
         train_data = encode_causal(train_set, tokenizer, config.max_length)
         collate = causal_collator(tokenizer.pad_token_id)
         evaluate = lambda m: {"accuracy": models.causal_accuracy(m, tokenizer, held_out,  # noqa: E731

@@ -21,8 +21,9 @@ from beamlora.config import TrainConfig
 from beamlora.errors import BeamLoraError
 from beamlora.files import WriteError, failure_reason, user_path, writing
 from beamlora.guards import check_metrics, guard_loss, schedule_warning, width_warning
+from beamlora.resolve import Prepared, prepare, training_arguments
 from beamlora.runfolder import CHECKPOINTS, HELD_OUT_STATE, Interrupted, RunFolder, signal_name, stop_on_signals
-from beamlora.tasks import classification_parts, sft_parts, task_data
+from beamlora.tasks import classification_parts, sft_parts
 from rankscope.constants import METRICS_FILE, RUN_CONFIG
 from rankscope.io.atomic import write_json, write_manifest, write_text
 from rankscope.progress import LogProgress
@@ -77,14 +78,17 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     checkpoint (:class:`beamlora.runfolder.Interrupted`).
     """
 
+    # The hardware, the data and the steps (from epochs) are settled here: bad input fails before the run folder
+    # is touched and before any model loads.
+    prepared = prepare(config)
+    config = prepared.config
     if config.method == "beamlora" and (warning := schedule_warning(config.beamlora_config(None))):
         log(warning)
-    data = task_data(config)  # bad data fails here, before the run folder is touched
     folder = RunFolder.open(config.out, overwrite=overwrite, resume=resume)
     try:
         for note in folder.notes:
             log(note)
-        result = _train_in(folder, config, data, progress, log)
+        result = _train_in(folder, prepared, progress, log)
         with writing(folder.path):
             folder.finish()
         result.run_dir = folder.path
@@ -129,28 +133,30 @@ def _failed_write(error: BaseException, folder: RunFolder) -> WriteError | None:
     return None
 
 
-def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: Callable[[str], None]) -> RunResult:
+def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[str], None]) -> RunResult:
     """The run itself, written into ``folder.work``."""
+    config, data = prepared.config, prepared.data
 
     parts = (sft_parts(config, progress=progress, log=log, data=data) if config.task == "sft"
              else classification_parts(config, data))
 
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     # imported on use: torch, peft and transformers load only when training starts
     from beamlora.callbacks import BeamLoraCallback, CheckpointMarker, SnapshotCallback, StopOnRequest
     from beamlora.snapshots import write_adapter
 
     model, tokenizer, evaluate = parts.model, parts.tokenizer, parts.evaluate
-    targets = config.targets or models.default_targets(model)
+    targets = config.peft_targets or models.default_targets(model)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0,
                       task_type=parts.peft_task_type)
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:  # PEFT: "Target modules {...} not found in the base model"
-        raise BeamLoraError(f"--targets {','.join(targets)}: {str(e).splitlines()[0]}") from None
+        raise BeamLoraError(f"--targets {targets if isinstance(targets, str) else ','.join(targets)}: "
+                            f"{str(e).splitlines()[0]}") from None
+    keep_trainables_fp32(model)
     if warning := width_warning(model, config.rank):
         log(warning)
 
@@ -186,7 +192,17 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
         the last evaluation) goes into every checkpoint, so a resumed run writes the same numbers."""
 
         def __init__(self):
-            self.losses: list[float] = []
+            self.losses: list[float] = []  # one a completed optimizer step
+            self.loss_step: int | None = None  # the step the last entry of losses belongs to
+
+        def add_loss(self, step: int, value: float) -> None:
+            """A micro-batch's share of the loss of optimizer step ``step`` (Trainer scales each micro-batch's loss
+            so that the shares of one step add up to its loss, whatever --grad-accum is)."""
+            if self.losses and self.loss_step == step:
+                self.losses[-1] += value
+            else:
+                self.losses.append(value)
+            self.loss_step = step
 
         def state(self) -> dict[str, Any]:
             return {"metrics": metrics, "losses": self.losses}
@@ -208,7 +224,7 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
             record = {"step": step, **evaluate(model)}
             if self.losses:
                 record["train_loss"] = sum(self.losses) / len(self.losses)
-                self.losses = []
+                self.losses, self.loss_step = [], None
             check_metrics(record, step, run_dir)
             metrics.append(record)
             self.write()
@@ -226,12 +242,7 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
     with stop_on_signals() as stop:
         callbacks += [held_out, StopOnRequest(stop, checkpoint=bool(every)),
                       CheckpointMarker(run_dir, lambda: {HELD_OUT_STATE: held_out.state()})]
-        args = TrainingArguments(
-            output_dir=str(run_dir / CHECKPOINTS), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
-            learning_rate=config.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-            seed=config.seed, data_seed=config.seed, save_strategy="steps" if every else "no", save_steps=every or None,
-            logging_steps=max(1, min(10, config.steps // 10)), report_to=[], disable_tqdm=not progress,
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False)
+        args = training_arguments(prepared, run_dir / CHECKPOINTS, every, progress)
 
         class CheckpointingTrainer(Trainer):
             """A checkpoint that cannot be written (a full disk) is one error naming its folder."""
@@ -242,8 +253,12 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
 
         trainer = CheckpointingTrainer(model=model, args=args, train_dataset=parts.train_data,
                                        data_collator=parts.collate, callbacks=callbacks)
+        if parts.peft_task_type == "SEQ_CLS":
+            # A classifier's loss is the batch mean and ignores num_items_in_batch, but its forward takes **kwargs,
+            # so Trainer would skip dividing by grad_accum: accumulated gradients would be grad_accum times too big.
+            trainer.model_accepts_loss_kwargs = False
         quiet_logs(trainer, progress)
-        guard_loss(trainer, run_dir, on_loss=lambda value: held_out.losses.append(value))
+        guard_loss(trainer, run_dir, on_loss=lambda value: held_out.add_loss(trainer.state.global_step, value))
         trainer.train(resume_from_checkpoint=str(folder.resume_from) if folder.resume_from else None)
     if stop.signum is not None:
         where = ("a checkpoint was written: continue with the same command and --resume" if every
@@ -264,6 +279,16 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
     final = metrics[-1]
     return RunResult(run_dir=run_dir, task=parts.kind, accuracy=final.get("accuracy"), majority_rate=parts.baseline,
                      metrics=metrics, events=len(controller.events) if controller else 0)
+
+
+def keep_trainables_fp32(model: Any) -> None:
+    """Trainable weights in float32 whatever dtype the base was loaded in (--weights-dtype): PEFT keeps its LoRA
+    weights float32 already; a task head it trains in full (modules_to_save) would otherwise be bf16 / fp16."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def quiet_logs(trainer: Any, progress: bool) -> None:

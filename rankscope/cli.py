@@ -419,12 +419,11 @@ def resize(path: Path, out_dir: Path, energy: float | None, rank: int | None, ma
     check_rule(energy, rank, max_error, module_min)  # before anything is read
     _check_out(None, json_target)
     run_config = read_run_config(path) if validate and path.is_dir() else None
-    placement = None
+    placement = resolve_placement(device, precision, batch_size) if validate else None
     if validate and resolve_adapter(path, step, format_).format == "gguf":
         raise RankscopeError("--validate evaluates adapters on a transformers model; a GGUF adapter runs in llama.cpp: "
                              "resize it without --validate and check it there (llama-perplexity --lora FILE)")
     if validate:
-        placement = resolve_placement(device, precision, batch_size)
         _check_model(model_spec or (run_config or {}).get("model"))
         if data is not None and Path(data).suffix:  # a data file (not a packaged set): readable, before any work
             open_data_file(Path(data), "the --validate data").close()

@@ -202,10 +202,10 @@ def build_evaluation(checkpoint: Checkpoint, model_spec: str | None, data: str |
     if head == "classification":
         if text_file is not None:
             raise RankscopeError(f"{model_spec} is a classifier: loss/perplexity on a text file need a causal LM")
-        base, tokenizer = models.load_classifier(model_spec, len(labelled.label_names), dtype=placement.dtype,
+        base, tokenizer = models.load_classifier(model_spec, len(labelled.label_names), dtype=placement.precision,
                                                   device=placement.device)
     else:
-        base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype, device=placement.device)
+        base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.precision, device=placement.device)
     model = _with_adapter(base, checkpoint, model_spec, placement)
     max_length = int(run_config.get("max_length", TASK_DEFAULTS["classification"]["max_length"]
                                     if head == "classification" else TEXT_MAX_LENGTH))
@@ -260,7 +260,7 @@ def _sft_task(checkpoint: Checkpoint, model_spec: str, data: str | None, metric:
         held = read_jsonl(data)
         what = f"examples of {data}"
     held = held[: examples or None]
-    base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.dtype, device=placement.device)
+    base, tokenizer = models.load_causal_lm(model_spec, dtype=placement.precision, device=placement.device)
     model = _with_adapter(base, checkpoint, model_spec, placement)
     max_length = int(run_config.get("max_length") or TASK_DEFAULTS["sft"]["max_length"])
     batch = {} if placement.batch_size is None else {"batch_size": placement.batch_size}

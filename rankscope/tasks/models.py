@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -176,19 +177,33 @@ def _seeded_init(model: "torch.nn.Module", names: Sequence[str], seed: int, std:
                 p.fill_(1.0)
 
 
-def _dtype_kwargs(dtype: "torch.dtype | None", device: str | None = None) -> dict[str, Any]:
-    # None: transformers' own default; a dtype: the weights are loaded in it (no float32 copy first);
-    # an accelerator: the weights go straight onto it (no copy of the whole model in host memory).
-    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --precision / --weights-dtype: torch's names
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """``torch.float32`` / ``bfloat16`` / ``float16`` for "fp32" / "bf16" / "fp16"."""
+    if name not in DTYPES:
+        raise RankscopeError(f"dtype {name!r}, expected one of {', '.join(DTYPES)}")
+    torch = _require("torch", "pip install -e .")
+    return getattr(torch, DTYPES[name])
+
+
+def dtype_kwargs(name: str, device: str | None = None) -> dict[str, Any]:
+    """``from_pretrained`` / ``from_config`` keywords that load weights in ``name``: ``dtype=`` (transformers 4.56 on;
+    passed always, since transformers 5 otherwise loads a checkpoint's own dtype) or ``torch_dtype=`` before it;
+    on an accelerator ``device_map`` too, so the weights go straight onto it (no copy of the model in host memory)."""
+    transformers = _require("transformers", "pip install -e .")
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    kwargs: dict[str, Any] = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype(name)}
     if device is not None and device != "cpu":
         kwargs["device_map"] = device
     return kwargs
 
 
-def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0, dtype: "torch.dtype | None" = None,
+def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0, dtype: str = "fp32",
                     device: str | None = None) -> tuple[Any, Any]:
-    """(AutoModelForSequenceClassification, tokenizer) with a ``num_labels`` head drawn from ``seed``, in ``dtype``
-    on ``device`` (None: the CPU)."""
+    """(AutoModelForSequenceClassification, tokenizer) with a ``num_labels`` head drawn from ``seed``; its weights
+    in ``dtype`` ("fp32", "bf16" or "fp16") on ``device`` (None: the CPU)."""
     _offline(spec)
     if num_labels < 2:
         raise RankscopeError(f"num_labels={num_labels}, expected at least 2")
@@ -197,7 +212,7 @@ def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0, dty
     _require("torch", "pip install -e .")
     try:
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, output_loading_info=True, **_dtype_kwargs(dtype, device))
+            path, num_labels=num_labels, output_loading_info=True, **dtype_kwargs(dtype, device))
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a sequence classifier ({str(e).splitlines()[0]})") from None
@@ -232,6 +247,11 @@ def load_tokenizer(spec: str | os.PathLike) -> tuple[Any, str | None]:
     return tokenizer, note
 
 
+def load_config(spec: str | os.PathLike) -> tuple[Path | str, Any]:
+    """(local path, transformers config) of a model, read offline from its config.json: no weights load."""
+    return _from_pretrained(spec, "AutoConfig", "read its config")
+
+
 def check_causal_lm(spec: str | os.PathLike) -> None:
     """Refuse, from config.json alone, a model whose trained head is not a language-model head."""
     path, config = _from_pretrained(spec, "AutoConfig", "read its config")
@@ -241,10 +261,10 @@ def check_causal_lm(spec: str | os.PathLike) -> None:
                             "with a language-model head (…ForCausalLM)")
 
 
-def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None, dtype: "torch.dtype | None" = None,
+def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None, dtype: str = "fp32",
                    device: str | None = None) -> tuple[Any, Any]:
-    """(AutoModelForCausalLM, tokenizer) for ``"smollm2"``, a local folder or a hub id, in ``dtype`` (None: as
-    saved) on ``device`` (None: the CPU).
+    """(AutoModelForCausalLM, tokenizer) for ``"smollm2"``, a local folder or a hub id; its weights in ``dtype``
+    ("fp32", "bf16" or "fp16") on ``device`` (None: the CPU).
 
     A model whose language-model head is not in its weights (it would be random) is refused.
     """
@@ -253,7 +273,7 @@ def load_causal_lm(spec: str | os.PathLike, tokenizer: Any = None, dtype: "torch
     transformers = _require("transformers", "pip install -e .")
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
-                                                                        **_dtype_kwargs(dtype, device))
+                                                                        **dtype_kwargs(dtype, device))
     except (OSError, ValueError, RecursionError) as e:
         raise RankscopeError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     head = model.get_output_embeddings()

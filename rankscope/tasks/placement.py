@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rankscope.errors import RankscopeError
+from rankscope.tasks.models import DTYPES, torch_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRECISIONS = tuple(DTYPES)
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ class Placement:
 
     @property
     def dtype(self) -> "torch.dtype":
-        import torch
-
-        return getattr(torch, _DTYPE_NAMES[self.precision])
+        return torch_dtype(self.precision)
 
     def describe(self) -> str:
         return f"{self.device}, {self.precision}" + (f", batch {self.batch_size}" if self.batch_size else "")

@@ -16,3 +16,9 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     after 300 s rather than blocking the suite."""
     return subprocess.run([sys.executable, "-m", "rankscope.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+def run_beamlora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``beamlora ARGS`` in a new interpreter, as :func:`run_cli` runs rankscope."""
+    return subprocess.run([sys.executable, "-m", "beamlora.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
