@@ -83,9 +83,13 @@ def key_figures(summary: dict[str, Any]) -> Table:
         band = band or {}
         return [view, what, *(None if band.get(q) is None else band[q] * scale for q in ("median", "q25", "q75"))]
 
-    rows = [row("per-rank", "top-10% share (uniform " + f"{summary['top10_share_uniform']:.3f})", summary["top10_share"]),
-            row("per-rank", "effective rank / r", summary["effective_rank_ratio"]),
-            row("per-rank", "gini", summary["gini"])]
+    undefined = summary.get("per_rank_undefined", 0)
+    rows = [] if undefined == summary["modules"] else [
+        row("per-rank", "top-10% share (uniform " + f"{summary['top10_share_uniform']:.3f})", summary["top10_share"]),
+        row("per-rank", "effective rank / r", summary["effective_rank_ratio"]),
+        row("per-rank", "gini", summary["gini"])]
+    if undefined:  # LoHa / LoKr: no B·A slots, so no slot norms
+        rows.append(["per-rank", f"undefined for the {undefined} LoHa / LoKr module(s): no B·A slots", None, None, None])
     if summary.get("spectral_modules"):
         rows += [row("spectral", "k95 (directions holding 95% of ΔW's energy)", summary["energy_ranks"]["0.95"]),
                  row("spectral", "k95 / r", summary["energy_rank_ratio"]),
