@@ -38,7 +38,7 @@ class RankMonitorCallback(TrainerCallback):
     ``output_dir/rank_trace.jsonl`` (None: the Trainer's ``args.output_dir``), and the median
     top-10% share, k95 / r and stable rank / r (and BeamLoRA's ranks operated) go into the
     Trainer's next training log: TensorBoard, W&B, MLflow, the console and ``state.log_history``.
-    Only the main process records. ``monitor_options`` go to :class:`RankMonitor`.
+    Only the main process writes (under FSDP2 every process measures with it). ``monitor_options`` go to :class:`RankMonitor`.
     """
 
     def __init__(self, every: int = 10, output_dir: str | os.PathLike | None = None, **monitor_options: Any):
