@@ -47,7 +47,9 @@ def _task_default(name: str) -> str:
               help="LoRA alpha (scale alpha / r). " + _task_default("alpha"))
 @click.option("--targets", help="Comma-separated LoRA target modules (default: the model's attention projections).")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps. " + _task_default("steps"))
-@click.option("--batch-size", type=click.IntRange(min=1), help=_task_default("batch_size"))
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="The global batch: under torchrun / accelerate launch each of N processes takes batch / N. "
+                   + _task_default("batch_size"))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="AdamW learning rate (linear decay). " + _task_default("lr"))
 @click.option("--max-length", type=click.IntRange(min=8),
@@ -78,12 +80,16 @@ def _task_default(name: str) -> str:
                    "leaves the old one as it was). A folder that holds no beamlora run is refused, never deleted.")
 @click.option("--resume", is_flag=True,
               help="Continue the killed run in RUN_DIR from its last complete checkpoint (the same options).")
+@click.option("--fsdp", is_flag=True,
+              help="Shard the model, the LoRA parameters and the BeamLoRA scores with FSDP2 (fully_shard) across the "
+                   "processes of torchrun --nproc-per-node N -m beamlora train ... or accelerate launch; without it "
+                   "such a launch trains with DDP.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def train(task: str, model: str | None, data: str | None, method: str, rank: int | None, alpha: float | None,
           targets: str | None, steps: int | None, batch_size: int | None, lr: float | None, max_length: int | None,
           p_init: float, delta_t: int | None, ablation: str, snapshot_every: int, trace_every: int, eval_every: int,
           held_out: int | None, seed: int, out: Path, checkpoint_every: int | None, overwrite: bool, resume: bool,
-          progress: bool) -> None:
+          fsdp: bool, progress: bool) -> None:
     """Train a LoRA or BeamLoRA adapter and report held-out accuracy (sft: loss and exact match).
 
     With no options: MiniLM (all-MiniLM-L6-v2) sequence classification on Rotten Tomatoes
@@ -100,8 +106,12 @@ def train(task: str, model: str | None, data: str | None, method: str, rank: int
                          steps=steps, batch_size=batch_size, lr=lr, max_length=max_length, p_init=p_init,
                          delta_t=delta_t, ablation=ablation, snapshot_every=snapshot_every or None, eval_every=eval_every or None,
                          held_out=held_out, trace_every=trace_every or None, seed=seed, out=str(out),
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, fsdp=fsdp)
     result = run_training(config, overwrite=overwrite, progress=progress, resume=resume)
+    from beamlora import distributed
+
+    if not distributed.is_main():
+        return  # rank 0 reports the run
     events = f", {result.events} BeamLoRA events" if method == "beamlora" else ""
     if ablation != "none":
         events += f" (ablation {ablation})"

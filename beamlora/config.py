@@ -161,6 +161,7 @@ class TrainConfig:
     held_out: int | None = None
     max_length: int | None = None
     out: str = "runs/default"
+    fsdp: bool = False  # FSDP2 under torchrun / accelerate launch (beamlora.distributed)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from beamlora import distributed
 from beamlora.config import TrainConfig
 from beamlora.errors import BeamLoraError
 from beamlora.files import WriteError, failure_reason, user_path, writing
@@ -77,14 +78,18 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     checkpoint (:class:`beamlora.runfolder.Interrupted`).
     """
 
-    if config.method == "beamlora" and (warning := schedule_warning(config.beamlora_config(None))):
+    distributed.check_launch(config.fsdp, config.batch_size)  # --fsdp without torchrun: before anything loads
+    if config.method == "beamlora" and distributed.is_main() and (
+            warning := schedule_warning(config.beamlora_config(None))):
         log(warning)
     data = task_data(config)  # bad data fails here, before the run folder is touched
-    folder = RunFolder.open(config.out, overwrite=overwrite, resume=resume)
+    distributed.init()
+    folder = distributed.open_folder(lambda: RunFolder.open(config.out, overwrite=overwrite, resume=resume))
     try:
         for note in folder.notes:
             log(note)
-        result = _train_in(folder, config, data, progress, log)
+        result = _train_in(folder, config, data, progress, log if distributed.is_main() else lambda line: None)
+        distributed.barrier()  # every process has written its part before rank 0 finishes the folder
         with writing(folder.path):
             folder.finish()
         result.run_dir = folder.path
@@ -97,6 +102,7 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         raise WriteError(failed.path, f"{failed.reason}; {kept}" if kept else failed.reason, failed.errno) from None
     finally:
         folder.close()
+        distributed.close()
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -156,7 +162,9 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
 
     run_dir = folder.work
     record = {**dataclasses.asdict(config), "targets": targets, **parts.record}
-    if folder.resume_from is None and not (run_dir / RUN_CONFIG).is_file():
+    if not distributed.is_main():
+        pass  # rank 0 writes and checks config.json
+    elif folder.resume_from is None and not (run_dir / RUN_CONFIG).is_file():
         with writing(run_dir / RUN_CONFIG):
             write_json(run_dir / RUN_CONFIG, {**record, "versions": _versions()})
     else:
@@ -170,6 +178,8 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
 
         controller = attach(model, config.beamlora_config(run_dir))
         callbacks.append(BeamLoraCallback(controller))
+    if config.fsdp:  # after attach: the scores are sharded with the rest
+        distributed.shard(model)
     elif config.snapshot_every:
         callbacks.append(SnapshotCallback(config.snapshot_every, run_dir))
     if config.trace_every:  # after the BeamLoRA step: a record at an operation's step shows its result
@@ -215,6 +225,8 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
             log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
         def write(self) -> None:
+            if not distributed.is_main():
+                return
             with writing(run_dir / METRICS_FILE):
                 write_text(run_dir / METRICS_FILE, "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
 
@@ -227,7 +239,11 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
         callbacks += [held_out, StopOnRequest(stop, checkpoint=bool(every)),
                       CheckpointMarker(run_dir, lambda: {HELD_OUT_STATE: held_out.state()})]
         args = TrainingArguments(
-            output_dir=str(run_dir / CHECKPOINTS), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+            output_dir=str(run_dir / CHECKPOINTS), max_steps=config.steps,
+            per_device_train_batch_size=config.batch_size // distributed.world_size(), save_only_model=config.fsdp,
+            # Several processes: Trainer multiplies the loss by N where the model takes num_items_in_batch, right for a
+            # causal LM's token-summed loss (sft) but N times too large for a classifier's batch mean.
+            average_tokens_across_devices=config.task == "sft",
             learning_rate=config.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
             seed=config.seed, data_seed=config.seed, save_strategy="steps" if every else "no", save_steps=every or None,
             logging_steps=max(1, min(10, config.steps // 10)), report_to=[], disable_tqdm=not progress,
@@ -240,6 +256,8 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
                 with writing(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
                     return super()._save_checkpoint(*given, **named)
 
+        if config.fsdp:  # each process checkpoints its own shards (see beamlora.distributed)
+            CheckpointingTrainer = type("CheckpointingTrainer", (distributed.FsdpCheckpoints, CheckpointingTrainer), {})
         trainer = CheckpointingTrainer(model=model, args=args, train_dataset=parts.train_data,
                                        data_collator=parts.collate, callbacks=callbacks)
         quiet_logs(trainer, progress)
@@ -253,8 +271,10 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
 
     if controller is not None:
         controller.export(run_dir / "final")
-    else:
+    elif config.fsdp or distributed.is_main():  # FSDP2: every process gathers, rank 0 writes
         write_adapter(model, run_dir / "final")
+    if not distributed.is_main():
+        return RunResult(run_dir=run_dir, task=parts.kind, accuracy=None, majority_rate=None, metrics=metrics)
     with writing(run_dir / "final"):
         tokenizer.save_pretrained(str(run_dir / "final"))
         write_manifest(run_dir / "final", "adapter")  # the tokenizer's files are the adapter folder's too
