@@ -1,18 +1,25 @@
 """BeamLoRA and the rank monitor under FSDP2 (sharded LoRA parameters) and DDP, 2 gloo processes on the CPU.
 
-One worker run (tests/helpers/fsdp_worker.py, shared by every test here) trains the same tiny LoRA BERT
+Through the API: one worker run (tests/helpers/fsdp_worker.py, shared by every test here) trains the same tiny LoRA BERT
 with the same global batches three ways: one process, DDP and FSDP2 (lora_A split along its rank axis,
 r = 5 as 3 + 2 slots, so a pruned slot and its source often live on different processes), for five variants
 covering the global and per-module cut, every optimizer_state mode and the ablations. Dropout is off, so
 all three must give the same adapters, events.jsonl and rank_trace.jsonl (1e-4 relative).
+
+Through the command: ``torchrun --nproc-per-node 2 -m beamlora train --fsdp``, killed with SIGKILL after its
+first checkpoint and continued with ``--resume``, against one process with the same global batch, on a tiny
+dropout-free BERT. (Each torchrun launch costs ~20 s of imports here, so the command runs twice, not more.)
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +120,101 @@ def test_fsdp_equals_ddp_with_the_same_processes(runs, variant):
     tensors, expected = adapter(fsdp), adapter(ddp)
     for key in expected:
         assert close(tensors[key], expected[key]), key
+
+
+# ----------------------------------------------------------------------------- the command under torchrun
+
+CLI_OPTIONS = ["--rank", "5", "--alpha", "10", "--steps", "24", "--batch-size", "8", "--held-out", "40", "--max-length",
+               "16", "--lr", "5e-3", "--delta-t", "4", "--snapshot-every", "4", "--trace-every", "2", "--eval-every",
+               "12", "--no-progress"]
+
+
+def command(model: Path, data: Path, out: Path, processes: int, *extra: str) -> list[str]:
+    launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1 else []
+    return [sys.executable, *launch, "-m", "beamlora", "train", "--model", str(model), "--data", str(data),
+            *CLI_OPTIONS, "--out", str(out), *extra]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker it started (they run in sessions of their own)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        proc.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from rankscope.tasks.models import model_path
+
+    root = tmp_path_factory.mktemp("cli")
+    model, data = root / "tiny-bert", root / "reviews.csv"
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=48, num_labels=2, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0)).save_pretrained(model)
+    AutoTokenizer.from_pretrained(model_path("minilm")).save_pretrained(model)
+    rng = random.Random(0)
+    with open(data, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(200):
+            good = i % 2 == 0
+            word = rng.choice(["great", "wonderful", "superb"] if good else ["awful", "dull", "terrible"])
+            writer.writerow([f"the film was {word} {i}", "pos" if good else "neg"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = {name: root / name for name in ("single", "fsdp")}
+    result = subprocess.run(command(model, data, runs["single"], 1), capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # FSDP2: killed once its first checkpoint is complete, then resumed.
+    fsdp = command(model, data, runs["fsdp"], 2, "--fsdp")
+    process = subprocess.Popen(fsdp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not list(runs["fsdp"].glob("checkpoints/checkpoint-*/complete.json")):
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    kill_tree(process)
+    assert not (runs["fsdp"] / "final").exists()
+    result = subprocess.run([*fsdp, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs["stdout"] = result.stdout
+    return runs
+
+
+def test_torchrun_fsdp_killed_and_resumed_gives_the_one_process_run(cli_runs):
+    """(DDP against one process and against FSDP2, every operation mode: the API tests above.)"""
+    ours, single = cli_runs["fsdp"], cli_runs["single"]
+    events, reference = lines(ours / "events.jsonl"), lines(single / "events.jsonl")
+    assert {e["step"] for e in reference} == {4, 8, 12} and sum(len(e["pruned"]) for e in reference) > 0  # end step 16
+    assert [(e["step"], e["pruned"], e["sources"]) for e in events] == [(e["step"], e["pruned"], e["sources"])
+                                                                        for e in reference]
+    for e, r in zip(events, reference):
+        assert close(e["importance"], r["importance"])
+    tensors, expected = adapter(ours), adapter(single)
+    assert sorted(tensors) == sorted(expected)
+    for key in expected:
+        assert close(tensors[key], expected[key]), key
+    trace, expected_trace = lines(ours / "rank_trace.jsonl"), lines(single / "rank_trace.jsonl")
+    assert [r["step"] for r in trace] == [r["step"] for r in expected_trace] == list(range(2, 25, 2))
+    for record, ref in zip(trace, expected_trace):
+        for m, n in zip(record["modules"], ref["modules"]):
+            assert close(m["importance"], n["importance"]) and close(m["spectrum"], n["spectrum"])
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in single.iterdir())  # one run folder
+
+
+def test_resumed_fsdp_run_reports_once_and_leaves_no_checkpoint(cli_runs):
+    assert not (cli_runs["fsdp"] / "checkpoints").exists()
+    assert cli_runs["stdout"].count("run folder") == 1  # rank 0 alone reports
+
+
+def test_fsdp_without_a_distributed_launch_is_one_error_line(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK")}
+    result = subprocess.run([sys.executable, "-m", "beamlora", "train", "--fsdp", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: --fsdp without a distributed launch") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
