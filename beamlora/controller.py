@@ -208,7 +208,7 @@ class BeamLoraController:
 
         Rows of A (and its moments) are written by the process that holds them; B's columns are local to
         every process (FSDP2 splits B along its output rows)."""
-        dst = torch.as_tensor(slots, device=sharded.local(layer.B).device)
+        dst = sharded.index_tensor(slots, sharded.local(layer.B).device)
         with torch.no_grad():
             sharded.set_rows(layer.A, slots, 0.0)
             sharded.columns(layer.B)[:, dst] = 0
@@ -248,7 +248,8 @@ class BeamLoraController:
             rows = iter(sharded.gather_rows(requests))
             for layer, history, slots, sources in work:
                 device = sharded.local(layer.B).device
-                dst, src = torch.as_tensor(slots, device=device), torch.as_tensor(sources, device=device)
+                # Index arrays reach the device without a host sync (pinned, non-blocking on CUDA): no per-module wait.
+                dst, src = sharded.index_tensor(slots, device), sharded.index_tensor(sources, device)
                 # Historical values, not current ones: two identical ranks would never separate.
                 sharded.set_rows(layer.A, slots, next(rows))
                 sharded.columns(layer.B)[:, dst] = sharded.columns(history.B)[:, src]

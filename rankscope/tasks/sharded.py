@@ -77,6 +77,18 @@ def _group(tensors: Sequence[Any]) -> Any:
     return None
 
 
+def index_tensor(index: Any, device: Any) -> "torch.Tensor":
+    """A host array of indices on ``device`` without a host synchronisation: on CUDA through pinned memory and a
+    non-blocking copy (a plain ``.to(cuda)`` of pageable memory waits for the stream)."""
+    import numpy as np
+    import torch
+
+    host = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def gather_rows(requests: Sequence[tuple["torch.Tensor", Any]]) -> list["torch.Tensor"]:
     """``tensor[index]`` (whole rows along dim 0) for each ``(tensor, index)``, as plain tensors on every process.
 
@@ -94,7 +106,7 @@ def gather_rows(requests: Sequence[tuple["torch.Tensor", Any]]) -> list["torch.T
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         mine = local(tensor)
         if not is_sharded(tensor) or _shard_dim(tensor) is None:
-            out.append(mine[torch.as_tensor(index, device=mine.device)])
+            out.append(mine[index_tensor(index, mine.device)])
             continue
         if _shard_dim(tensor) != 0:
             raise RankscopeError(f"a tensor sharded along dim {_shard_dim(tensor)} found, expected dim 0 (FSDP2)")
@@ -102,8 +114,7 @@ def gather_rows(requests: Sequence[tuple["torch.Tensor", Any]]) -> list["torch.T
         rows = torch.zeros((index.size, *tensor.shape[1:]), dtype=tensor.dtype, device=mine.device)
         owned = np.flatnonzero((index >= start) & (index < stop))
         if owned.size:
-            rows[torch.as_tensor(owned, device=mine.device)] = mine[torch.as_tensor(index[owned] - start,
-                                                                                   device=mine.device)]
+            rows[index_tensor(owned, mine.device)] = mine[index_tensor(index[owned] - start, mine.device)]
         pieces.append((len(out), rows))
         out.append(None)
     by_dtype: dict[Any, list[int]] = {}
@@ -137,7 +148,6 @@ def set_rows(tensor: "torch.Tensor", index: Any, values: "torch.Tensor | float")
     """``tensor[index] = values`` (rows along dim 0; ``index`` a host array), each process writing the rows it
     holds; ``values`` has one row per index (on every process) or is a number."""
     import numpy as np
-    import torch
 
     index = np.asarray(index, dtype=np.int64).reshape(-1)
     mine = local(tensor)
@@ -147,11 +157,11 @@ def set_rows(tensor: "torch.Tensor", index: Any, values: "torch.Tensor | float")
     owned = np.flatnonzero((index >= start) & (index < stop))
     if not owned.size:
         return
-    target = torch.as_tensor(index[owned] - start, device=mine.device)
+    target = index_tensor(index[owned] - start, mine.device)
     if isinstance(values, (int, float)):
         mine[target] = values
     else:
-        mine[target] = (values if owned.size == index.size else values[torch.as_tensor(owned, device=values.device)]
+        mine[target] = (values if owned.size == index.size else values[index_tensor(owned, values.device)]
                         ).to(mine.dtype)
 
 
@@ -191,5 +201,5 @@ def all_gather_stacked(tensor: "torch.Tensor", like: Sequence[Any]) -> "torch.Te
     return out.view(size, *tensor.shape)
 
 
-__all__ = ["is_sharded", "any_sharded", "local", "local_range", "columns", "gather_rows", "full_tensors", "set_rows",
+__all__ = ["index_tensor", "is_sharded", "any_sharded", "local", "local_range", "columns", "gather_rows", "full_tensors", "set_rows",
            "shard_like", "all_reduce_sum", "all_gather_stacked"]
