@@ -178,10 +178,10 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
 
         controller = attach(model, config.beamlora_config(run_dir))
         callbacks.append(BeamLoraCallback(controller))
-    if config.fsdp:  # after attach: the scores are sharded with the rest
-        distributed.shard(model)
     elif config.snapshot_every:
         callbacks.append(SnapshotCallback(config.snapshot_every, run_dir))
+    if config.fsdp:  # after attach: the scores are sharded with the rest
+        distributed.shard(model)
     if config.trace_every:  # after the BeamLoRA step: a record at an operation's step shows its result
         # imported on use: torch, peft and transformers load only when training starts
         from rankscope.telemetry.callback import RankMonitorCallback
