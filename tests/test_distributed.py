@@ -218,3 +218,22 @@ def test_fsdp_without_a_distributed_launch_is_one_error_line(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("Error: --fsdp without a distributed launch") and result.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_row_helpers_act_on_plain_tensors_as_plain_indexing():
+    """One process, DDP: the same calls, no collective (no process group exists here)."""
+    import torch
+
+    from rankscope.tasks import sharded
+
+    A = torch.arange(20.0).reshape(5, 4)
+    rows = sharded.gather_rows([(A, [3, 0, 3]), (A[:, 0], [4])])
+    assert rows[0].tolist() == [A[3].tolist(), A[0].tolist(), A[3].tolist()] and rows[1].tolist() == [16.0]
+    assert [t.tolist() for t in sharded.full_tensors([A[:, 1]])] == [[1.0, 5.0, 9.0, 13.0, 17.0]]
+    B = A.clone()
+    sharded.set_rows(B, np.array([1, 4]), torch.ones(2, 4))
+    sharded.set_rows(B, [0], 0.0)
+    expected = A.numpy().copy()
+    expected[[1, 4]] = 1
+    expected[0] = 0
+    assert np.array_equal(B.numpy(), expected) and sharded.local_range(A) == (0, 5) and not sharded.is_sharded(A)
