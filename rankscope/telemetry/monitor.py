@@ -133,7 +133,7 @@ def _tall_local(layer: LoraLayer, side: str, work_dtype: "torch.dtype") -> "torc
     """This process's rows of B (out, r) or of Aᵀ (in, r), whose r×r factors combine across processes.
 
     FSDP2 splits B along out (rows: local as is) and A along r; A is redistributed to be split along ``in``
-    (each process sends and receives A/N; A is never whole anywhere), so Aᵀ's rows are local too.
+    (an all-to-all on NCCL; gloo falls back to an all-gather of A, never of ΔW), so Aᵀ's rows are local too.
     """
     from torch.distributed.tensor import Shard
 
