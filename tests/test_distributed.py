@@ -220,6 +220,15 @@ def test_fsdp_without_a_distributed_launch_is_one_error_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_global_batch_the_processes_do_not_divide_is_one_error_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "RANK": "0"}  # as torchrun sets them
+    result = subprocess.run([sys.executable, "-m", "beamlora", "train", "--batch-size", "5", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("Error: --batch-size 5 over 2 processes: expected a multiple of 2")
+    assert not (tmp_path / "run").exists()
+
+
 def test_row_helpers_act_on_plain_tensors_as_plain_indexing():
     """One process, DDP: the same calls, no collective (no process group exists here)."""
     import torch
