@@ -15,10 +15,11 @@ does not run on CPU processes, which is why beamlora wraps the model itself.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from beamlora.errors import BeamLoraError
 
@@ -164,6 +165,25 @@ def shard(model: Any) -> Any:
     fully_shard(model, reshard_after_forward=True)
     model.is_distributed_loading_by_transformers = True  # Trainer: no DDP wrap, no .to(), FSDP2 reduces the gradients
     return model
+
+
+@contextlib.contextmanager
+def gathered(model: Any) -> Iterator[None]:
+    """The model's own (root) parameters whole meanwhile, for code that calls inner modules directly rather than
+    the model itself (``generate`` calls the transformers model under PEFT, so the root's pre-forward hook, which
+    gathers the embeddings, the head and BeamLoRA's scores, never runs). The blocks gather their own as usual."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False, recurse=False)  # a forward pass inside must not reshard it either
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True, recurse=False)
+        model.reshard()
 
 
 def _local(tensor: Any) -> Any:

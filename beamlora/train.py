@@ -215,7 +215,8 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
                 self.record(state.global_step, kwargs["model"])
 
         def record(self, step: int, model: Any) -> None:
-            record = {"step": step, **evaluate(model)}
+            with distributed.gathered(model):  # FSDP2: generation calls the inner model, not the sharded root
+                record = {"step": step, **evaluate(model)}
             if self.losses:
                 record["train_loss"] = sum(self.losses) / len(self.losses)
                 self.losses = []
