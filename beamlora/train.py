@@ -8,6 +8,7 @@ metrics at each evaluation), ``step-NNNNNN/`` snapshots, ``events.jsonl`` (BeamL
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -215,7 +216,8 @@ def _train_in(folder: Any, config: TrainConfig, data: Any, progress: bool, log: 
                 self.record(state.global_step, kwargs["model"])
 
         def record(self, step: int, model: Any) -> None:
-            with distributed.gathered(model):  # FSDP2: generation calls the inner model, not the sharded root
+            # FSDP2: generation calls the inner model, not the sharded root, so the root's parameters stay gathered
+            with distributed.gathered(model) if config.fsdp else contextlib.nullcontext():
                 record = {"step": step, **evaluate(model)}
             if self.losses:
                 record["train_loss"] = sum(self.losses) / len(self.losses)
