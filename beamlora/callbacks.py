@@ -16,6 +16,7 @@ from beamlora.runfolder import COMPLETE, prune_checkpoints
 from beamlora.snapshots import is_main_process, snapshot_dir, write_adapter
 from rankscope.constants import STATE_FILE
 from rankscope.io.atomic import write_json, write_with
+from rankscope.tasks import sharded
 
 
 def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
@@ -51,9 +52,11 @@ class BeamLoraCallback(TrainerCallback):
                                 f"{state.global_step}; attach a fresh controller for each run")
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if is_main_process():
+        if is_main_process() or sharded.any_sharded(self.controller.scores()):  # FSDP2: every process gathers
             folder = _checkpoint_dir(args, state)
             state_dict = self.controller.state_dict()
+            if not is_main_process():
+                return
             with writing(folder / STATE_FILE):
                 folder.mkdir(parents=True, exist_ok=True)
                 write_with(folder / STATE_FILE, lambda tmp: torch.save(state_dict, tmp))
@@ -72,7 +75,7 @@ class SnapshotCallback(TrainerCallback):
         self.output_dir = Path(output_dir)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.global_step % self.every == 0 and is_main_process():
+        if state.global_step % self.every == 0 and (is_main_process() or sharded.any_sharded(kwargs["model"].parameters())):
             write_adapter(kwargs["model"], snapshot_dir(self.output_dir, state.global_step))
 
 

@@ -93,6 +93,10 @@ def _task_default(name: str) -> str:
                    "leaves the old one as it was). A folder that holds no beamlora run is refused, never deleted.")
 @click.option("--resume", is_flag=True,
               help="Continue the killed run in RUN_DIR from its last complete checkpoint (the same options).")
+@click.option("--fsdp", is_flag=True,
+              help="Shard the model, the LoRA parameters and the BeamLoRA scores with FSDP2 (fully_shard) across the "
+                   "processes of torchrun --nproc-per-node N -m beamlora train ... or accelerate launch; without it "
+                   "such a launch trains with DDP.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
               help="A YAML or JSON file of these options (keys as TrainConfig's fields: grad_accum, lr_scheduler, ...; "
@@ -158,6 +162,10 @@ def train(ctx: click.Context, overwrite: bool, resume: bool, progress: bool, con
     from beamlora.train import train as run_training
 
     result = run_training(config, overwrite=overwrite, progress=progress, resume=resume)
+    from beamlora import distributed
+
+    if not distributed.is_main():
+        return  # rank 0 reports the run
     method, ablation = config.method, config.ablation
     events = f", {result.events} BeamLoRA events" if method == "beamlora" else ""
     if ablation != "none":

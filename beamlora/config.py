@@ -191,6 +191,7 @@ class TrainConfig:
     warmup_ratio: float | None = None
     end_step: int | None = None
     device: str = "auto"
+    fsdp: bool = False  # FSDP2 under torchrun / accelerate launch (beamlora.distributed)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -25,11 +25,12 @@ from torch import nn
 from beamlora.config import BeamLoraConfig
 from beamlora.errors import BeamLoraError
 from beamlora.files import writing
-from beamlora.layer import ScoredLayer, add_scores
+from beamlora.layer import ScoredLayer, add_scores, rank_weights
 from beamlora.snapshots import is_main_process, snapshot_dir, write_adapter
 from rankscope.constants import EVENTS_FILE
 from rankscope.io.atomic import write_text
 from rankscope.maths.schedule import is_operation_step, plan_operation, top_p
+from rankscope.tasks import sharded
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -140,17 +141,22 @@ class BeamLoraController:
         return history
 
     def _importances(self) -> list[np.ndarray]:
-        """softmax(s/T) per layer, identical on every process of a distributed run."""
+        """softmax(s/T) per layer, identical on every process of a distributed run (one transfer to the host)."""
         with torch.no_grad():
-            flat = torch.cat([layer.score.detach().float() for layer in self.layers])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # DDP keeps the scores equal already; broadcasting rank 0's makes the decision provably shared.
-                torch.distributed.broadcast(flat, src=0)
+            scores = [layer.score.detach() for layer in self.layers]
+            if sharded.any_sharded(scores):  # FSDP2: every process gathers the (tiny) score vectors, one collective
+                flat = torch.cat([s.float() for s in sharded.full_tensors(scores)])
+            else:
+                flat = torch.cat([s.float() for s in scores])
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # DDP keeps the scores equal already; broadcasting rank 0's makes the decision provably shared.
+                    torch.distributed.broadcast(flat, src=0)
+            host = flat.double().cpu()
             out, start = [], 0
             for layer in self.layers:
-                s = flat[start:start + layer.rank].double()
+                s = host[start:start + layer.rank]
                 start += layer.rank
-                out.append(torch.softmax(s / layer.temperature, dim=0).cpu().numpy())
+                out.append(torch.softmax(s / layer.temperature, dim=0).numpy())
         return out
 
     def _rng(self, t: int) -> np.random.Generator:
@@ -174,13 +180,14 @@ class BeamLoraController:
         plans = plan_operation(importances, p, self.config.scope, self.config.max_fraction, live=live,
                                rng=self._rng(t) if ablation == "random" else None)
         events = []
+        if expand:
+            self._expand(optimizer, [(layer, self.history[layer.name], slots, sources)
+                                     for layer, (slots, sources) in zip(self.layers, plans) if slots.size])
         for layer, values, (slots, sources) in zip(self.layers, importances, plans):
             if not expand:
                 sources = sources[:0]
                 if slots.size:
                     self._prune_for_good(optimizer, layer, slots)
-            elif slots.size:
-                self._expand(optimizer, layer, self.history[layer.name], slots, sources)
             events.append({"step": t, "p": p, "module": layer.name, "pruned": slots.tolist(),
                            "sources": sources.tolist(), "importance": (values * layer.rank).tolist(),
                            "ablation": ablation})
@@ -197,54 +204,77 @@ class BeamLoraController:
     def _prune_for_good(self, optimizer: torch.optim.Optimizer, layer: ScoredLayer, slots: np.ndarray) -> None:
         """The "no-expansion" ablation: a_i = b_i = 0 and their Adam moments too. Each one's gradient is
         proportional to the other, so the slot gets no gradient, and with no momentum left Adam does not
-        move it: it stays exactly zero for the rest of the run (weight decay keeps zero at zero)."""
-        dst = torch.as_tensor(slots, device=layer.A.device)
+        move it: it stays exactly zero for the rest of the run (weight decay keeps zero at zero).
+
+        Rows of A (and its moments) are written by the process that holds them; B's columns are local to
+        every process (FSDP2 splits B along its output rows)."""
+        dst = sharded.index_tensor(slots, sharded.local(layer.B).device)
         with torch.no_grad():
-            layer.A[dst] = 0
-            layer.B[:, dst] = 0
+            sharded.set_rows(layer.A, slots, 0.0)
+            sharded.columns(layer.B)[:, dst] = 0
             for key in (*MOMENTS, "max_exp_avg_sq"):  # max_exp_avg_sq: AMSGrad
                 if key in optimizer.state.get(layer.A, {}):
-                    optimizer.state[layer.A][key][dst] = 0
+                    sharded.set_rows(optimizer.state[layer.A][key], slots, 0.0)
                 if key in optimizer.state.get(layer.B, {}):
-                    optimizer.state[layer.B][key][:, dst] = 0
-            for key in MOMENTS:  # as after every operation: the score vector's moments start afresh
-                state = optimizer.state.get(layer.score, {})
-                if key in state:
-                    state[key].zero_()
+                    sharded.columns(optimizer.state[layer.B][key])[:, dst] = 0
+            self._reset_score_moments(optimizer, layer)
         self.dead.setdefault(layer.name, set()).update(int(i) for i in slots)
 
-    def _expand(self, optimizer: torch.optim.Optimizer, layer: ScoredLayer, history: History,
-                slots: np.ndarray, sources: np.ndarray) -> None:
-        dst = torch.as_tensor(slots, device=layer.A.device)
-        src = torch.as_tensor(sources, device=layer.A.device)
+    @staticmethod
+    def _reset_score_moments(optimizer: torch.optim.Optimizer, layer: ScoredLayer) -> None:
+        for key in MOMENTS:  # the authors zero the score vector's moments after every operation
+            state = optimizer.state.get(layer.score, {})
+            if key in state:
+                sharded.local(state[key]).zero_()
+
+    def _expand(self, optimizer: torch.optim.Optimizer,
+                work: list[tuple[ScoredLayer, History, np.ndarray, np.ndarray]]) -> None:
+        """Refill each layer's pruned slots from its sources' historical values (and moments), then average
+        each pair's scores.
+
+        Everything an operation reads across processes (the source rows of the historical A and of its
+        moments, the pair's scores) is gathered for all layers at once: under FSDP2 one ``all_reduce`` of
+        those few rows (a pruned slot and its source may live on different processes); otherwise plain
+        indexing. B's columns are local on every process. No value travels to the host.
+        """
         mode = self.config.optimizer_state
+        requests: list[tuple[torch.Tensor, np.ndarray]] = []
+        for layer, history, slots, sources in work:
+            requests.append((history.A, sources))
+            if mode == "history":
+                requests += [(history.moments[f"A.{key}"], sources) for key in MOMENTS]
+            requests.append((layer.score.detach(), np.concatenate([slots, sources])))
         with torch.no_grad():
-            # Historical values, not current ones: two identical ranks would never separate.
-            layer.A[dst] = history.A[src]
-            layer.B[:, dst] = history.B[:, src]
-            for key in MOMENTS:
-                state_A = self._moment(optimizer, layer.A, key, f"{layer.name}.lora_A")
-                state_B = self._moment(optimizer, layer.B, key, f"{layer.name}.lora_B")
-                if mode == "history":
-                    state_A[dst] = history.moments[f"A.{key}"][src]
-                    state_B[:, dst] = history.moments[f"B.{key}"][:, src]
-                elif mode == "reset":
-                    state_A[dst] = 0
-                    state_B[:, dst] = 0
-                else:  # "official": the authors' boolean-mask copy_, which writes into a temporary copy
-                    mask = torch.zeros(layer.rank, dtype=torch.bool, device=dst.device)
-                    mask[dst] = True
-                    order = torch.argsort(dst)  # a boolean mask visits slots in ascending order
-                    state_A[mask, :].copy_(history.moments[f"A.{key}"][src[order]])
-                    state_B[:, mask].copy_(history.moments[f"B.{key}"][:, src[order]])
-            score = layer.score
-            mean = (score[dst] + score[src]) / 2
-            score[dst] = mean
-            score[src] = mean
-            for key in MOMENTS:  # the authors zero the score vector's moments after every operation
-                state = optimizer.state.get(score, {})
-                if key in state:
-                    state[key].zero_()
+            rows = iter(sharded.gather_rows(requests))
+            for layer, history, slots, sources in work:
+                device = sharded.local(layer.B).device
+                # Index arrays reach the device without a host sync (pinned, non-blocking on CUDA): no per-module wait.
+                dst, src = sharded.index_tensor(slots, device), sharded.index_tensor(sources, device)
+                # Historical values, not current ones: two identical ranks would never separate.
+                sharded.set_rows(layer.A, slots, next(rows))
+                sharded.columns(layer.B)[:, dst] = sharded.columns(history.B)[:, src]
+                for key in MOMENTS:
+                    state_A = self._moment(optimizer, layer.A, key, f"{layer.name}.lora_A")
+                    state_B = sharded.columns(self._moment(optimizer, layer.B, key, f"{layer.name}.lora_B"))
+                    if mode == "history":
+                        sharded.set_rows(state_A, slots, next(rows))
+                        state_B[:, dst] = sharded.columns(history.moments[f"B.{key}"])[:, src]
+                    elif mode == "reset":
+                        sharded.set_rows(state_A, slots, 0.0)
+                        state_B[:, dst] = 0
+                    elif not sharded.is_sharded(state_A):
+                        # "official": the authors' boolean-mask copy_, which writes into a temporary copy. (Under
+                        # FSDP2 it is left out: it changes nothing either way.)
+                        mask = torch.zeros(layer.rank, dtype=torch.bool, device=dst.device)
+                        mask[dst] = True
+                        order = torch.argsort(dst)  # a boolean mask visits slots in ascending order
+                        state_A[mask, :].copy_(history.moments[f"A.{key}"][src[order]])
+                        state_B[:, mask].copy_(history.moments[f"B.{key}"][:, src[order]])
+                pair = next(rows)  # s[dst] then s[src], whole on every process
+                mean = (pair[:len(slots)] + pair[len(slots):]) / 2
+                sharded.set_rows(layer.score, slots, mean)
+                sharded.set_rows(layer.score, sources, mean)
+                self._reset_score_moments(optimizer, layer)
 
     # ------------------------------------------------------------------ files
 
@@ -260,20 +290,21 @@ class BeamLoraController:
         step = self.step_count if step is None else step
         if not self.config.output_dir:
             raise BeamLoraError("snapshots need config.output_dir, found None")
-        if not is_main_process():
+        if not (is_main_process() or sharded.any_sharded(self.model.parameters())):  # FSDP2: every process gathers
             return None
         return write_adapter(self.model, snapshot_dir(self.config.output_dir, step), self.layers, step)
 
     def export(self, path: str | os.PathLike) -> Path | None:
         """A plain PEFT LoRA adapter with w folded into A; vanilla ``PeftModel.from_pretrained`` loads it."""
-        if not is_main_process():
+        if not (is_main_process() or sharded.any_sharded(self.model.parameters())):  # FSDP2: every process gathers
             return None
         return write_adapter(self.model, path, self.layers, self.step_count, with_scores=False)
 
     def telemetry(self) -> dict[str, Any]:
         """Per-rank weights w and raw scores of every layer, and the ranks operated at the last operation.
 
-        The duck-typed protocol of ``rankscope.monitor.TELEMETRY_ATTR``; read on one process, so no collective.
+        The duck-typed protocol of ``rankscope.monitor.TELEMETRY_ATTR``. Without sharding it is read on one
+        process (no collective); under FSDP2 the monitor measures on every process, and so reads it on every one.
         """
         last = self.events[-1]["step"] if self.events else None
         operated = 0
@@ -282,27 +313,39 @@ class BeamLoraController:
                 break
             operated += len(event["pruned"])
         with torch.no_grad():
-            layers = {layer.module: {"weights": layer.weights().detach(), "scores": layer.score.detach()}
-                      for layer in self.layers}
+            scores = self._full_scores()
+            layers = {layer.module: {"weights": rank_weights(score, layer.temperature), "scores": score}
+                      for layer, score in zip(self.layers, scores)}
         return {"method": "beamlora", "layers": layers, "ranks_operated": operated if last is not None else None,
                 "operation_step": last}
 
+    def _full_scores(self) -> list[torch.Tensor]:
+        """Every layer's score vector whole (under FSDP2 one collective: call it on every process)."""
+        scores = [layer.score.detach() for layer in self.layers]
+        return sharded.full_tensors(scores) if sharded.any_sharded(scores) else scores
+
     def weights(self) -> dict[str, torch.Tensor]:
         """Current ``w = r · softmax(s / T)`` per module."""
-        return {layer.name: layer.weights().detach() for layer in self.layers}
+        with torch.no_grad():
+            return {layer.name: rank_weights(score, layer.temperature)
+                    for layer, score in zip(self.layers, self._full_scores())}
 
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: step, scores, the pending historical snapshot, events.
+        """Everything a resumed run needs: step, scores, the pending historical snapshot, events (whole tensors:
+        under FSDP2 call it on every process).
 
         The "random" ablation seeds a fresh Generator from (seed, step) at each operation, so there
         is no random state to save; "no-expansion"'s dead slots are read back from the events.
         """
+        def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: (v.full_tensor() if sharded.is_sharded(v) else v).detach().clone() for k, v in tensors.items()}
+
         history = None if self.history is None else {
-            name: {"A": h.A, "B": h.B, **h.moments} for name, h in self.history.items()}
+            name: whole({"A": h.A, "B": h.B, **h.moments}) for name, h in self.history.items()}
         return {"step": self.step_count, "config": self.config.to_dict(),
-                "scores": {layer.name: layer.score.detach().clone() for layer in self.layers},
+                "scores": {layer.name: score.clone() for layer, score in zip(self.layers, self._full_scores())},
                 "history": history, "events": json.dumps(self.events)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -314,11 +357,17 @@ class BeamLoraController:
         self.step_count = int(state["step"])
         with torch.no_grad():
             for layer in self.layers:
-                layer.score.copy_(state["scores"][layer.name])
+                saved = sharded.shard_like(state["scores"][layer.name], layer.score)
+                sharded.local(layer.score).copy_(sharded.local(saved))
         self.history = None
-        if state["history"] is not None:
-            self.history = {name: History(h["A"], h["B"], {k: v for k, v in h.items() if k not in ("A", "B")})
-                            for name, h in state["history"].items()}
+        if state["history"] is not None:  # whole tensors, split again as the live parameters are (FSDP2)
+            by_name = {layer.name: layer for layer in self.layers}
+            self.history = {}
+            for name, h in state["history"].items():
+                A, B = by_name[name].A, by_name[name].B
+                moments = {k: sharded.shard_like(v, A if k.startswith("A.") else B) for k, v in h.items()
+                           if k not in ("A", "B")}
+                self.history[name] = History(sharded.shard_like(h["A"], A), sharded.shard_like(h["B"], B), moments)
         self.events = json.loads(state["events"])
         self.dead = {}
         if self.config.ablation == "no-expansion":  # the dead slots are the union of all pruned ones

@@ -38,13 +38,20 @@ class ScoredLayer:
     module: nn.Module  # the PEFT LoraLayer
     adapter: str
     temperature: float
-    score: nn.Parameter
+    store: nn.ParameterList = field(repr=False)  # the model's beam_scores; this layer's score is entry ``index``
+    index: int
     rank_axis: int  # axis of lora_A's output that indexes ranks: -1 for Linear, 1 for Conv
     _handle: Any = field(default=None, repr=False)
 
     @property
+    def score(self) -> nn.Parameter:
+        """The score vector s (r,), looked up on the model each time: FSDP2 replaces parameters with sharded ones
+        (and, inside the forward pass, with the gathered ones), so no reference to one of them is kept."""
+        return self.store[self.index]
+
+    @property
     def rank(self) -> int:
-        return self.score.numel()
+        return self.score.shape[0]
 
     @property
     def A(self) -> nn.Parameter:
@@ -118,7 +125,8 @@ def add_scores(model: nn.Module, temperature: float) -> list[ScoredLayer]:
         weight = lora_A.weight
         score = nn.Parameter(torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device))
         store.append(score)
-        layer = ScoredLayer(name=name, module=module, adapter=adapter, temperature=temperature, score=score,
+        layer = ScoredLayer(name=name, module=module, adapter=adapter, temperature=temperature, store=store,
+                            index=len(store) - 1,
                             rank_axis=_rank_axis(lora_A, name))
         layer.install()
         layers.append(layer)

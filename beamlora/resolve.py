@@ -106,6 +106,10 @@ def training_arguments(prepared: Prepared, output_dir: Path, checkpoint_every: i
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return TrainingArguments(
         output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=prepared.micro_batch,
+        save_only_model=config.fsdp,  # FSDP2: each process saves its own shards and moments (beamlora.distributed)
+        # Several processes: Trainer multiplies the loss by N where the model takes num_items_in_batch, right for a
+        # causal LM's token-summed loss (sft) but N times too large for a classifier's batch mean.
+        average_tokens_across_devices=config.task == "sft",
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup, weight_decay=0.0, bf16=config.precision == "bf16",
         fp16=config.precision == "fp16", **{checkpointing: config.gradient_checkpointing,

@@ -8,6 +8,7 @@ metrics at each evaluation), ``step-NNNNNN/`` snapshots, ``events.jsonl`` (BeamL
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from beamlora import distributed
 from beamlora.config import TrainConfig
 from beamlora.errors import BeamLoraError
 from beamlora.files import WriteError, failure_reason, user_path, writing
@@ -78,17 +80,21 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
     checkpoint (:class:`beamlora.runfolder.Interrupted`).
     """
 
+    distributed.check_launch(config.fsdp, config.batch_size)  # --fsdp without torchrun: before anything loads
     # The hardware, the data and the steps (from epochs) are settled here: bad input fails before the run folder
     # is touched and before any model loads.
     prepared = prepare(config)
     config = prepared.config
-    if config.method == "beamlora" and (warning := schedule_warning(config.beamlora_config(None))):
+    if config.method == "beamlora" and distributed.is_main() and (
+            warning := schedule_warning(config.beamlora_config(None))):
         log(warning)
-    folder = RunFolder.open(config.out, overwrite=overwrite, resume=resume)
+    distributed.init()
+    folder = distributed.open_folder(lambda: RunFolder.open(config.out, overwrite=overwrite, resume=resume))
     try:
         for note in folder.notes:
             log(note)
-        result = _train_in(folder, prepared, progress, log)
+        result = _train_in(folder, prepared, progress, log if distributed.is_main() else lambda line: None)
+        distributed.barrier()  # every process has written its part before rank 0 finishes the folder
         with writing(folder.path):
             folder.finish()
         result.run_dir = folder.path
@@ -101,6 +107,7 @@ def train(config: TrainConfig, overwrite: bool = False, progress: bool = True,
         raise WriteError(failed.path, f"{failed.reason}; {kept}" if kept else failed.reason, failed.errno) from None
     finally:
         folder.close()
+        distributed.close()
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -162,7 +169,9 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
 
     run_dir = folder.work
     record = {**dataclasses.asdict(config), "targets": targets, **parts.record}
-    if folder.resume_from is None and not (run_dir / RUN_CONFIG).is_file():
+    if not distributed.is_main():
+        pass  # rank 0 writes and checks config.json
+    elif folder.resume_from is None and not (run_dir / RUN_CONFIG).is_file():
         with writing(run_dir / RUN_CONFIG):
             write_json(run_dir / RUN_CONFIG, {**record, "versions": _versions()})
     else:
@@ -178,6 +187,8 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
         callbacks.append(BeamLoraCallback(controller))
     elif config.snapshot_every:
         callbacks.append(SnapshotCallback(config.snapshot_every, run_dir))
+    if config.fsdp:  # after attach: the scores are sharded with the rest
+        distributed.shard(model)
     if config.trace_every:  # after the BeamLoRA step: a record at an operation's step shows its result
         # imported on use: torch, peft and transformers load only when training starts
         from rankscope.telemetry.callback import RankMonitorCallback
@@ -221,7 +232,9 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
                 self.record(state.global_step, kwargs["model"])
 
         def record(self, step: int, model: Any) -> None:
-            record = {"step": step, **evaluate(model)}
+            # FSDP2: generation calls the inner model, not the sharded root, so the root's parameters stay gathered
+            with distributed.gathered(model) if config.fsdp else contextlib.nullcontext():
+                record = {"step": step, **evaluate(model)}
             if self.losses:
                 record["train_loss"] = sum(self.losses) / len(self.losses)
                 self.losses, self.loss_step = [], None
@@ -231,6 +244,8 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
             log("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
         def write(self) -> None:
+            if not distributed.is_main():
+                return
             with writing(run_dir / METRICS_FILE):
                 write_text(run_dir / METRICS_FILE, "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics))
 
@@ -251,6 +266,8 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
                 with writing(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
                     return super()._save_checkpoint(*given, **named)
 
+        if config.fsdp:  # each process checkpoints its own shards (see beamlora.distributed)
+            CheckpointingTrainer = type("CheckpointingTrainer", (distributed.FsdpCheckpoints, CheckpointingTrainer), {})
         trainer = CheckpointingTrainer(model=model, args=args, train_dataset=parts.train_data,
                                        data_collator=parts.collate, callbacks=callbacks)
         if parts.peft_task_type == "SEQ_CLS":
@@ -268,8 +285,10 @@ def _train_in(folder: Any, prepared: Prepared, progress: bool, log: Callable[[st
 
     if controller is not None:
         controller.export(run_dir / "final")
-    else:
+    elif config.fsdp or distributed.is_main():  # FSDP2: every process gathers, rank 0 writes
         write_adapter(model, run_dir / "final")
+    if not distributed.is_main():
+        return RunResult(run_dir=run_dir, task=parts.kind, accuracy=None, majority_rate=None, metrics=metrics)
     with writing(run_dir / "final"):
         tokenizer.save_pretrained(str(run_dir / "final"))
         write_manifest(run_dir / "final", "adapter")  # the tokenizer's files are the adapter folder's too

@@ -8,6 +8,14 @@ A B, …), so machine noise hits both alike. Each step times forward + backward 
 zero_grad(), and for B ``controller.step(optimizer)`` separately.
 
     .venv/bin/python benchmarks/bench_beamlora.py [--steps 60] [--delta-t 10] [--threads 1]
+    .venv/bin/python benchmarks/bench_beamlora.py --distributed   # also 2 gloo processes: DDP and FSDP2
+
+``--distributed`` runs the same comparison three ways on the same global batches: one process, then 2 CPU
+processes (gloo, each taking half of every batch) under DDP and under FSDP2 (``beamlora.distributed.shard``:
+every BERT layer and the model sharded, lora_A split along its rank axis), and prints per case the
+BeamLoRA / LoRA step ratio (rank 0's clock; the collectives keep the processes in step) and the time of one
+BeamLoRA operation (controller.step on an operation step, less an ordinary one), with FSDP2's over one
+process's.
 """
 
 from __future__ import annotations
@@ -178,5 +186,105 @@ def main() -> None:
     print("(RSS is one process holding both models; the allocator makes its growth noisy, not a per-model figure)")
 
 
+def case(mode: str, args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """One comparison (``mode``: single, ddp or fsdp) in this process; every process of a group calls it."""
+    import beamlora
+    from beamlora import BeamLoraConfig
+    from beamlora.distributed import shard
+
+    lora, beam = build(0, args.rank), build(0, args.rank)
+    controller = beamlora.attach(beam, BeamLoraConfig(delta_t=args.delta_t, total_steps=args.steps))
+    run_lora, run_beam = lora, beam
+    if mode == "ddp":
+        run_lora, run_beam = (torch.nn.parallel.DistributedDataParallel(m) for m in (lora, beam))
+    elif mode == "fsdp":
+        shard(lora)
+        shard(beam)
+    opt_lora = torch.optim.AdamW(run_lora.parameters(), lr=5e-4)
+    opt_beam = torch.optim.AdamW(run_beam.parameters(), lr=5e-4)
+    g = torch.Generator().manual_seed(1)
+    share = args.batch // world
+    mine = slice(rank * share, (rank + 1) * share)
+    batches = [{"input_ids": torch.randint(1000, 30000, (args.batch, args.length), generator=g)[mine],
+                "labels": torch.randint(0, 2, (args.batch,), generator=g)[mine]} for _ in range(args.steps)]
+
+    def train_step(model, optimizer, inputs) -> float:
+        start = time.perf_counter()
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.perf_counter() - start
+
+    rows = []
+    for t in range(1, args.steps + 1):
+        kind = "operation" if controller.operation_due(t) else "history" if controller.history_due(t) else "ordinary"
+        if t % 2:
+            a = train_step(run_lora, opt_lora, batches[t - 1])
+        b = train_step(run_beam, opt_beam, batches[t - 1])
+        start = time.perf_counter()
+        controller.step(opt_beam)
+        c = time.perf_counter() - start
+        if not t % 2:
+            a = train_step(run_lora, opt_lora, batches[t - 1])
+        if t > args.warmup:
+            rows.append({"lora": a, "beam": b, "ctrl": c, "kind": kind})
+    med = statistics.median
+    ordinary = [r for r in rows if r["kind"] == "ordinary"]
+    ctrl = med(r["ctrl"] for r in ordinary)
+    ops = [r["ctrl"] - ctrl for r in rows if r["kind"] == "operation"]
+    return {"lora": med(r["lora"] for r in ordinary), "beam": med(r["beam"] + r["ctrl"] for r in ordinary),
+            "paired": med((r["beam"] + r["ctrl"]) / r["lora"] for r in ordinary), "operation": med(ops)}
+
+
+def _worker(rank: int, world: int, port: str, args: argparse.Namespace, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {mode: case(mode, args, rank, world) for mode in ("ddp", "fsdp")}
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def distributed(args: argparse.Namespace) -> None:
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    import beamlora  # noqa: F401  (imported before the workers fork)
+
+    results = {"single": case("single", args)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        mp.start_processes(_worker, args=(2, port, args, out), nprocs=2, join=True, start_method="fork")
+        results.update(json.loads(Path(out).read_text()))
+    print()
+    print(f"distributed: global batch {args.batch} × {args.length}, {args.steps} steps, Δt {args.delta_t}, "
+          f"{args.threads} torch thread(s) per process, 2 processes on gloo for ddp / fsdp")
+    print(f"{'case':<8} {'LoRA step (ms)':>15} {'BeamLoRA step (ms)':>19} {'ratio':>7} {'paired':>7} "
+          f"{'operation (ms)':>15}")
+    for mode, r in results.items():
+        print(f"{mode:<8} {r['lora'] * 1e3:>15.1f} {r['beam'] * 1e3:>19.1f} {r['beam'] / r['lora']:>7.4f} "
+              f"{r['paired']:>7.4f} {r['operation'] * 1e3:>15.2f}")
+    print(f"BeamLoRA / LoRA goal ≤ 1.05 under both; one operation under FSDP2 / one process: "
+          f"{results['fsdp']['operation'] / results['single']['operation']:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--distributed" in sys.argv:
+        sys.argv.remove("--distributed")
+        parser = argparse.ArgumentParser()
+        for name, default in (("--steps", 60), ("--delta-t", 10), ("--warmup", 3), ("--threads", 1), ("--rank", 16),
+                              ("--batch", 16), ("--length", 64)):
+            parser.add_argument(name, type=int, default=default)
+        options = parser.parse_args()
+        torch.set_num_threads(options.threads)
+        distributed(options)
+    else:
+        main()

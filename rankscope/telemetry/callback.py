@@ -39,7 +39,8 @@ class RankMonitorCallback(TrainerCallback):
     ``output_dir/rank_trace.jsonl`` (None: the Trainer's ``args.output_dir``), and the median
     top-10% share, k95 / r and stable rank / r (and BeamLoRA's ranks operated) go into the
     Trainer's next training log: TensorBoard, W&B, MLflow, the console and ``state.log_history``.
-    Only the main process records. ``monitor_options`` go to :class:`RankMonitor`.
+    Only the main process writes (under FSDP2 every process measures with it). ``monitor_options`` go to
+    :class:`RankMonitor`.
 
     An AdaLoRA or BeamLoRA model whose allocation has not changed by the step where it should have
     (AdaLoRA's first mask, at most ``tinit + deltaT``; BeamLoRA's first operation, Δt) gets one warning

@@ -7,7 +7,9 @@ Every record appends one line to ``rank_trace.jsonl`` (:mod:`rankscope.io.trace`
 ``rankscope analyze`` gives for an adapter saved at that step, computed where the weights live without a
 d×k matrix: Gram matrices (float64 on CPU) or Householder QR (float32 on accelerators) of B and Aᵀ give
 r×r factors, one batched SVD per rank takes the cores of all modules of that rank, and the small results
-travel to the host in one transfer per device. Only the main process of a distributed run records.
+travel to the host in one transfer per device. Only the main process of a distributed run records; under
+FSDP2 (sharded LoRA parameters) every process takes part in the measurement (column norms and r×r factors
+reduce across processes, no full ΔW) and the main one writes.
 A method exposes its per-rank weights through the model attribute :data:`TELEMETRY_ATTR` (see
 :func:`measure`), so rankscope never imports the trainer. Importing this module loads neither torch nor
 transformers. The user's guide: docs/telemetry.md.
@@ -33,6 +35,7 @@ from rankscope.io.trace import append_record, module_text, record_text
 from rankscope.maths.analysis import module_entry, nonfinite_error
 from rankscope.maths.dynamics import STABLE_THRESHOLD, spectral_pair, spread_at, stability_pair, stable_from
 from rankscope.maths.importance import GRAM_MAX_CONDITION
+from rankscope.tasks import sharded
 from rankscope.tasks.layers import LoraLayer, lora_layers, unwrap_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,6 +129,61 @@ def _qr_r_factor(X: "torch.Tensor") -> "torch.Tensor":
     return torch.nn.functional.pad(R, (0, 0, 0, X.shape[1] - R.shape[0])) if R.shape[0] < X.shape[1] else R
 
 
+def _tall_local(layer: LoraLayer, side: str, work_dtype: "torch.dtype") -> "torch.Tensor":
+    """This process's rows of B (out, r) or of Aᵀ (in, r), whose r×r factors combine across processes.
+
+    FSDP2 splits B along out (rows: local as is) and A along r; A is redistributed to be split along ``in``
+    (an all-to-all on NCCL; gloo falls back to an all-gather of A, never of ΔW), so Aᵀ's rows are local too.
+    """
+    from torch.distributed.tensor import Shard
+
+    if side == "B":
+        return sharded.columns(layer.B).to(work_dtype)
+    A = layer.A
+    if sharded.is_sharded(A) and sharded.local_range(A, 0) != (0, A.shape[0]):
+        A = A.redistribute(placements=[Shard(1)])
+    return sharded.local(A).to(work_dtype).T
+
+
+def _stacked_r(layer: LoraLayer, side: str, work_dtype: "torch.dtype") -> "torch.Tensor":
+    """Every process's r×r QR factor of its rows, stacked (N·r, r): its own R factor is that of the whole X
+    (X = diag(Q_k)·[R_1; …; R_N]), so QR of it gives what one process would (tall-skinny QR)."""
+    R = _qr_r_factor(_tall_local(layer, side, work_dtype))
+    return sharded.all_gather_stacked(R, [layer.A, layer.B]).reshape(-1, R.shape[1])
+
+
+def _sharded_factors(layers: list[LoraLayer], work_dtype: "torch.dtype", gram: bool, grams: dict,
+                     r_b: list, r_a: list) -> set[int]:
+    """For the layers FSDP2 shards: Gram matrices summed over processes (one ``all_reduce`` for all layers) on
+    the float64 CPU path, else R factors by tall-skinny QR (one ``all_gather`` for all layers). Returns
+    which layers were done here; no full ΔW, A or B is formed on any process."""
+    import torch
+
+    split = [i for i, layer in enumerate(layers) if sharded.is_sharded(layer.A) or sharded.is_sharded(layer.B)]
+    if not split:
+        return set()
+    like = [layers[split[0]].A, layers[split[0]].B]
+    parts = [(i, side, _tall_local(layers[i], side, work_dtype)) for i in split for side in ("B", "A")]
+    if gram:
+        partial = torch.cat([(X.mT @ X).reshape(-1) for _, _, X in parts])
+        sharded.all_reduce_sum(partial, like)
+        start = 0
+        for i, side, X in parts:
+            size = X.shape[1] ** 2
+            grams[(side, i)] = partial[start:start + size].view(X.shape[1], X.shape[1])
+            start += size
+    else:
+        local_r = torch.cat([_qr_r_factor(X).reshape(-1) for _, _, X in parts])
+        every = sharded.all_gather_stacked(local_r, like)  # (N, Σ r²)
+        start = 0
+        for i, side, X in parts:
+            r = X.shape[1]
+            stacked = every[:, start:start + r * r].reshape(-1, r)
+            (r_b if side == "B" else r_a)[i] = _qr_r_factor(stacked)
+            start += r * r
+    return set(split)
+
+
 def _on_device(layers: list[LoraLayer], coefficients: list["torch.Tensor | None"], extras: list[dict[str, Any]],
                work_dtype: "torch.dtype") -> list[dict[str, np.ndarray]]:
     """Unscaled per-rank norms (times |c|) and singular values of each B·diag(c)·A, plus extras, on the host.
@@ -135,19 +193,25 @@ def _on_device(layers: list[LoraLayer], coefficients: list["torch.Tensor | None"
     """
     import torch
 
-    device = layers[0].A.device
+    device = sharded.local(layers[0].A).device
     gram = device.type == "cpu" and work_dtype == torch.float64
     norms, r_b, r_a, grams = [], [None] * len(layers), [None] * len(layers), {}
+    split = _sharded_factors(layers, work_dtype, gram, grams, r_b, r_a)  # FSDP2: reduced across processes
     for i, (layer, c) in enumerate(zip(layers, coefficients)):
-        A, B = layer.A.to(work_dtype), layer.B.to(work_dtype)
-        squares = []  # ‖b_i‖² and ‖a_i‖²: the Gram matrices' diagonals, where they are formed anyway
-        for side, X, out in (("B", B, r_b), ("A", A.T, r_a)):
-            if gram and X.shape[0] >= X.shape[1]:
-                grams[(side, i)] = X.mT @ X
-                squares.append(torch.diagonal(grams[(side, i)]))
-            else:
-                out[i] = _qr_r_factor(X)
-                squares.append(torch.linalg.vector_norm(X, dim=0).square())
+        if i in split:
+            # ‖b_i‖² and ‖a_i‖²: the diagonals of the reduced Gram matrices, or the column norms of R (RᵀR = XᵀX)
+            squares = [torch.diagonal(grams[(side, i)]) if (side, i) in grams
+                       else torch.linalg.vector_norm(out[i], dim=0).square() for side, out in (("B", r_b), ("A", r_a))]
+        else:
+            A, B = layer.A.to(work_dtype), layer.B.to(work_dtype)
+            squares = []  # ‖b_i‖² and ‖a_i‖²: the Gram matrices' diagonals, where they are formed anyway
+            for side, X, out in (("B", B, r_b), ("A", A.T, r_a)):
+                if gram and X.shape[0] >= X.shape[1]:
+                    grams[(side, i)] = X.mT @ X
+                    squares.append(torch.diagonal(grams[(side, i)]))
+                else:
+                    out[i] = _qr_r_factor(X)
+                    squares.append(torch.linalg.vector_norm(X, dim=0).square())
         values = (squares[0] * squares[1]).sqrt()
         norms.append(values if c is None else values * c.to(work_dtype).abs())
     spectra: dict[int, torch.Tensor] = {}
@@ -158,8 +222,8 @@ def _on_device(layers: list[LoraLayer], coefficients: list["torch.Tensor | None"
             if pending:
                 stacked = torch.stack([grams.pop((side, i)) for i in pending])
                 stacked = torch.where(torch.isfinite(stacked).all(-1, keepdim=True).all(-2, keepdim=True), stacked, 0)
-                sources = [(lambda i=i, side=side: (layers[i].B if side == "B" else layers[i].A.T).to(work_dtype))
-                           for i in pending]
+                sources = [(lambda i=i, side=side: _stacked_r(layers[i], side, work_dtype) if i in split
+                            else (layers[i].B if side == "B" else layers[i].A.T).to(work_dtype)) for i in pending]
                 for i, R in zip(pending, _gram_r_factors(sources, stacked)):
                     out[i] = R
         R_B = torch.stack([r_b[i] for i in members])
@@ -297,7 +361,8 @@ class RankMonitor:
         log: where the stabilisation line goes (default: stderr, above any progress bar).
 
     ``record(model, step)`` measures, appends one record and returns the live scalars
-    (:data:`SCALARS`); on any process but the main one it returns None at once.
+    (:data:`SCALARS`); on any process but the main one it returns None (at once, unless FSDP2 shards the
+    model: then every process takes part in the measurement).
     """
 
     def __init__(self, output_dir: str | os.PathLike | None = None, *, trace_file: str = TRACE_FILE,
@@ -321,11 +386,19 @@ class RankMonitor:
         self._spectral_pairs: list[dict[str, float]] = []
 
     def record(self, model: Any, step: int, main_process: bool | None = None) -> dict[str, float] | None:
-        """Measure ``model`` at optimizer step ``step``, append the record, return the live scalars."""
-        if not (is_main_process() if main_process is None else main_process):
+        """Measure ``model`` at optimizer step ``step``, append the record, return the live scalars.
+
+        A model sharded by FSDP2 is measured by every process together (its r×r factors reduce across them),
+        so every process must call this; only the main one writes and returns the scalars.
+        """
+        main = is_main_process() if main_process is None else main_process
+        if not main and not sharded.any_sharded(unwrap_model(model).parameters()):
             return None
 
         modules, extra = measure(model, self.dtype)
+        if not main:
+            self.last_step = int(step)  # the callback asks once per step on every process: collectives pair up
+            return None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             method = extra.pop("method")
