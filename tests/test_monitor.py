@@ -33,7 +33,7 @@ from rankscope.maths.compare import compare
 from rankscope.maths.dynamics import dynamics
 from rankscope.maths.recommend import recommend
 from rankscope.telemetry.callback import RankMonitorCallback
-from rankscope.telemetry.monitor import TELEMETRY_ATTR, RankMonitor, measure
+from rankscope.telemetry.monitor import LIVE_SCALE_SOURCE, TELEMETRY_ATTR, RankMonitor, measure
 
 COMPUTED = ("importance", "spectrum", "deciles", "top10_share", "effective_rank", "gini", "energy_rank", "stable_rank",
             "spectral_effective_rank", "scores", "adalora_E")
@@ -67,7 +67,10 @@ def train(model, out: Path, callbacks, steps: int, data=None, accumulation: int 
 
 def assert_same_module(traced: dict, saved: dict, rtol: float = 1e-6) -> None:
     """Everything the analysis reports for a module, from the trace and from the saved adapter."""
-    assert {k: v for k, v in traced.items() if k not in COMPUTED} == {k: v for k, v in saved.items() if k not in COMPUTED}
+    # The same scale from two places: the trace reads the live layer's scaling, the file its config.
+    assert traced["scale_source"] == LIVE_SCALE_SOURCE and saved["scale_source"] != LIVE_SCALE_SOURCE
+    skip = (*COMPUTED, "scale_source")
+    assert {k: v for k, v in traced.items() if k not in skip} == {k: v for k, v in saved.items() if k not in skip}
     for key in ("importance", "spectrum", "scores", "adalora_E"):
         if saved.get(key) is None:
             assert traced.get(key) is None, key

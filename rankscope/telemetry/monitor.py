@@ -53,6 +53,7 @@ SCALARS = {  # key in the Trainer's logs -> what it is (median over modules at t
     "rank/ranks_operated": "BeamLoRA: ranks pruned and refilled at the last operation",
 }
 CONFIRM = 3  # stable pairs in a row, in both views, before the stabilisation line is printed
+LIVE_SCALE_SOURCE = "live PEFT layer's scaling"  # a trace's scales: read from the layers while training
 _DTYPE_NAMES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
 
 
@@ -83,15 +84,16 @@ class ModuleMeasure:
     def lora_module(self):
         """Metadata as a :class:`rankscope.formats.LoraModule` (no weights: never read)."""
 
-        return LoraModule(name=self.name, rank=self.rank, scale=self.scale, in_features=self.in_features,
+        return LoraModule(name=self.name, rank=self.rank, scale=self.scale, scale_source=LIVE_SCALE_SOURCE,
+                          in_features=self.in_features,
                           out_features=self.out_features, stored_dtype=self.dtype, layer_type=self.layer_type,
                           dora=self.dora, E=self.E, scores=self.scores)
 
     def text(self) -> str:
         """This module's object in a trace record."""
         meta: dict[str, Any] = {"name": self.name, "rank": self.rank, "scale": self.scale,
-                                "shape": [self.out_features, self.in_features], "layer_type": self.layer_type,
-                                "dtype": self.dtype}
+                                "scale_source": LIVE_SCALE_SOURCE, "shape": [self.out_features, self.in_features],
+                                "layer_type": self.layer_type, "dtype": self.dtype}
         if self.dora:
             meta["dora"] = True
         if self.error:
