@@ -29,7 +29,7 @@ import numpy as np
 
 from rankscope.errors import RankscopeError
 from rankscope.io.atomic import write_with
-from rankscope.io.tensors import TensorFile, bf16_to_float32, changed_while_read, pread_into
+from rankscope.io.tensors import PositionalReads, TensorFile, bf16_to_float32
 from rankscope.io.validate import open_regular
 
 GGUF_SUFFIX = ".gguf"
@@ -104,8 +104,10 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
-class GgufFile(TensorFile):
+class GgufFile(PositionalReads, TensorFile):
     """A GGUF file: its key/value fields (``metadata``, ``fields``) and its tensors, read one at a time."""
+
+    FILE_KIND = "GGUF file"
 
     def __init__(self, path: str | os.PathLike):
         import gguf  # the one GGUF parser; imported where GGUF is read
@@ -174,32 +176,6 @@ class GgufFile(TensorFile):
         if kind == "BF16":
             return bf16_to_float32(raw.view("<u2")).reshape(shape)
         return raw.view({"F32": "<f4", "F16": "<f2", "F64": "<f8"}[kind]).reshape(shape)
-
-    def _read_into(self, buffer: memoryview, offset: int, name: str) -> None:
-        if not self._finalizer.alive:
-            raise RankscopeError(f"{self.path} was closed: tensor {name!r} can no longer be read")
-        done, total = 0, len(buffer)
-        while done < total:
-            try:
-                got = pread_into(self._fd, buffer[done:], offset + done)
-            except OSError as e:
-                raise RankscopeError(f"{self.path} could not be read at tensor {name!r} ({e.strerror or e}): "
-                                     "expected a readable GGUF file") from None
-            if got == 0:
-                self._unchanged(name, f", which ended after {done} of its {total} bytes")
-            done += got
-        self._unchanged(name)
-
-    def _unchanged(self, name: str, short: str = "") -> None:
-        try:
-            now: os.stat_result | None = os.fstat(self._fd)
-        except OSError:
-            now = None
-        if short or now is None or (now.st_size, now.st_mtime_ns) != self._stat:
-            raise RankscopeError(changed_while_read(self.path, self._stat, now, f"at tensor {name!r}{short}"))
-
-    def close(self) -> None:
-        self._finalizer()
 
 
 def _fields(reader: Any, gguf: Any) -> list[GgufField]:

@@ -23,7 +23,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -250,7 +250,7 @@ def _shown(value: object) -> str:
 _SEEK_LOCK = threading.Lock()
 
 
-def pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
     """Read into ``buffer`` at ``offset`` of ``fd``; the bytes read (0 at the end of the file)."""
     if hasattr(os, "preadv"):
         return os.preadv(fd, [buffer], offset)
@@ -261,7 +261,7 @@ def pread_into(fd: int, buffer: memoryview, offset: int) -> int:
     return len(data)
 
 
-def changed_while_read(path: Path, before: tuple[int, int], now: os.stat_result | None, where: str) -> str:
+def _changed(path: Path, before: tuple[int, int], now: os.stat_result | None, where: str) -> str:
     """The one error of a file that changed under its reader (cut short, grown or rewritten) or vanished."""
     if now is None:
         what = "it could no longer be examined"
@@ -275,8 +275,49 @@ def changed_while_read(path: Path, before: tuple[int, int], now: os.stat_result 
             "rankscope reads it; run again once whatever writes it has finished")
 
 
-class SafetensorsFile(TensorFile):
+class PositionalReads:
+    """Tensors read with ``pread`` from a descriptor of the file's own (``_fd``, closed by ``_finalizer``), checked
+    against the size and mtime seen when it was opened (``_stat``): shared by the safetensors and GGUF readers."""
+
+    path: Path
+    _fd: int
+    _stat: tuple[int, int]
+    _finalizer: Any
+    FILE_KIND = "file"  # in "expected a readable ... file"
+
+    def _unchanged(self, name: str, short: str = "") -> None:
+        """Raise the one error of a file that changed since it was opened (or came back short)."""
+        try:
+            now: os.stat_result | None = os.fstat(self._fd)
+        except OSError:
+            now = None
+        if short or now is None or (now.st_size, now.st_mtime_ns) != self._stat:
+            raise RankscopeError(_changed(self.path, self._stat, now, f"at tensor {name!r}{short}"))
+
+    def _read_into(self, buffer: memoryview, offset: int, name: str) -> None:
+        """Fill ``buffer`` from ``offset`` with positional reads (thread-safe: no shared file position)."""
+        if not self._finalizer.alive:
+            raise RankscopeError(f"{self.path} was closed: tensor {name!r} can no longer be read")
+        done, total = 0, len(buffer)
+        while done < total:
+            try:
+                got = _pread_into(self._fd, buffer[done:], offset + done)
+            except OSError as e:
+                raise RankscopeError(f"{self.path} could not be read at tensor {name!r} "
+                                     f"({e.strerror or e}): expected a readable {self.FILE_KIND}") from None
+            if got == 0:
+                self._unchanged(name, f", which ended after {done} of its {total} bytes")
+            done += got
+        self._unchanged(name)
+
+    def close(self) -> None:
+        self._finalizer()  # closes the descriptor once; arrays handed out are copies and stay valid
+
+
+class SafetensorsFile(PositionalReads, TensorFile):
     """A safetensors file, validated against its own header by the format's rules, read one tensor at a time."""
+
+    FILE_KIND = "safetensors file"
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -302,7 +343,7 @@ class SafetensorsFile(TensorFile):
             raw_header = f.read(header_len)
             self._stat = (stat.st_size, stat.st_mtime_ns)
             if len(raw_header) != header_len:
-                raise RankscopeError(changed_while_read(path, self._stat, os.fstat(f.fileno()), "in its header"))
+                raise RankscopeError(_changed(path, self._stat, os.fstat(f.fileno()), "in its header"))
             header = _parse_header(raw_header, path)
             data_start = 8 + header_len
             shapes, dtypes, self._offsets, metadata = _check_header(header, path, size - data_start)
@@ -312,31 +353,6 @@ class SafetensorsFile(TensorFile):
             self._fd = os.dup(f.fileno())
         self._finalizer = weakref.finalize(self, os.close, self._fd)
         super().__init__(path, shapes, dtypes, metadata)
-
-    def _unchanged(self, name: str, short: str = "") -> None:
-        """Raise the one error of a file that changed since it was opened (or came back short)."""
-        try:
-            now: os.stat_result | None = os.fstat(self._fd)
-        except OSError:
-            now = None
-        if short or now is None or (now.st_size, now.st_mtime_ns) != self._stat:
-            raise RankscopeError(changed_while_read(self.path, self._stat, now, f"at tensor {name!r}{short}"))
-
-    def _read_into(self, buffer: memoryview, offset: int, name: str) -> None:
-        """Fill ``buffer`` from ``offset`` with positional reads (thread-safe: no shared file position)."""
-        if not self._finalizer.alive:
-            raise RankscopeError(f"{self.path} was closed: tensor {name!r} can no longer be read")
-        done, total = 0, len(buffer)
-        while done < total:
-            try:
-                got = pread_into(self._fd, buffer[done:], offset + done)
-            except OSError as e:
-                raise RankscopeError(f"{self.path} could not be read at tensor {name!r} "
-                                     f"({e.strerror or e}): expected a readable safetensors file") from None
-            if got == 0:
-                self._unchanged(name, f", which ended after {done} of its {total} bytes")
-            done += got
-        self._unchanged(name)
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype_name = self._dtypes[name]
@@ -359,8 +375,6 @@ class SafetensorsFile(TensorFile):
             self._read_into(memoryview(buffer), self._offsets[name], name)
         return buffer
 
-    def close(self) -> None:
-        self._finalizer()  # closes the descriptor once; arrays handed out are copies and stay valid
 
 
 class PickleFile(TensorFile):
