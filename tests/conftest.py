@@ -40,20 +40,26 @@ def real_fixtures() -> Path:
 TINY_WIDTH = 32
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A 2-layer BERT of width 32 (random weights) with MiniLM's tokenizer, saved as a local folder."""
+def save_tiny_bert(folder: Path, dropout: bool = True) -> Path:
+    """A 2-layer BERT of width 32 (random weights, seed 0) with MiniLM's tokenizer, saved into ``folder``;
+    ``dropout=False`` for runs whose maths must not depend on how a batch is split."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from rankscope.tasks.models import model_path
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
+    off = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     BertForSequenceClassification(BertConfig(hidden_size=TINY_WIDTH, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=48, num_labels=2)).save_pretrained(folder)
+                                             intermediate_size=48, num_labels=2, **off)).save_pretrained(folder)
     AutoTokenizer.from_pretrained(model_path("minilm")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT of width 32 (random weights) with MiniLM's tokenizer, saved as a local folder."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

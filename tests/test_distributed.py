@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_tiny_bert
 from helpers.trainer import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,18 +148,8 @@ def kill_tree(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory) -> dict[str, Path]:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from rankscope.tasks.models import model_path
-
     root = tmp_path_factory.mktemp("cli")
-    model, data = root / "tiny-bert", root / "reviews.csv"
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=48, num_labels=2, hidden_dropout_prob=0.0,
-                                             attention_probs_dropout_prob=0.0)).save_pretrained(model)
-    AutoTokenizer.from_pretrained(model_path("minilm")).save_pretrained(model)
+    model, data = save_tiny_bert(root / "tiny-bert", dropout=False), root / "reviews.csv"
     rng = random.Random(0)
     with open(data, "w", newline="") as f:
         writer = csv.writer(f)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_bert
 from helpers.cli import REPO, run_beamlora
 from helpers.lora import bert_lora
 from helpers.trainer import TokenData
@@ -37,17 +38,7 @@ QUIET = dict(progress=False, log=lambda line: None)
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory):
     """A 2-layer BERT of width 32 WITHOUT dropout (so split batches give the same maths), MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from rankscope.tasks.models import model_path
-
-    folder = tmp_path_factory.mktemp("bert-no-dropout")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=48, num_labels=2, hidden_dropout_prob=0.0,
-                                             attention_probs_dropout_prob=0.0)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_path("minilm")).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert-no-dropout"), dropout=False)
 
 
 @pytest.fixture(scope="module")
