@@ -182,7 +182,8 @@ def truncated_factors(method: str, parts: dict[str, np.ndarray],
     singular values split evenly between B' (out, k) and A' (k, in); σ holds all of them, largest first. ``keep``
     may be a function of σ (the rule that picks k), so that only the k kept directions are ever built.
 
-    LoHa: :func:`rankscope.maths.importance.truncated_factors` of the face-splitting factors. LoKr: the k largest
+    LoHa: the SVD of the r1·r2 core of :func:`_loha_core`, only the k kept columns of P and Q built (where a Gram
+    matrix is ill-conditioned, :func:`rankscope.maths.importance.truncated_factors` of P and Q formed). LoKr: the k largest
     products ``σ_i σ_j`` with ``B'`` columns ``√(σ_i σ_j) kron(u_i, u_j)`` and ``A'`` rows ``√(σ_i σ_j) kron(v_i, v_j)``.
     """
     if method == "loha":
