@@ -362,3 +362,26 @@ def test_fuzzed_structured_files_load_or_fail_in_one_line(tmp_path):
             assert "\n" not in str(e) and str(e)
 
     check()
+
+
+def test_loha_gram_products_by_blocks_and_the_condition_rule(monkeypatch):
+    """The face-splitting Gram matrix and F·W from pair products, over several blocks (a block size forced small),
+    against F built whole; and the Cholesky path's condition rule against the eigenvalues: a Gram matrix is
+    refused exactly when its condition number is above GRAM_MAX_CONDITION, whether or not the cheap bound decides."""
+    from rankscope.maths import importance as imp
+    from rankscope.maths import structured
+
+    monkeypatch.setattr(structured, "_BLOCK_VALUES", 100)
+    rng = np.random.default_rng(5)
+    X, Y, W = rng.standard_normal((3, 53)), rng.standard_normal((4, 53)), rng.standard_normal((12, 5))
+    F = (X.T[:, :, None] * Y.T[:, None, :]).reshape(53, 12)  # F[o, (i,j)] = X[o,i] Y[o,j], the slow obvious way
+    np.testing.assert_allclose(structured._face_split_gram(X, Y), F.T @ F, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(structured._face_split_times(X, Y, W), F @ W, rtol=1e-12, atol=1e-12)
+    Q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    for condition in (10.0, 1e5, 5e6, 9e6, 3e7, 1e9):  # 5e6, 9e6: the bound is above the limit, the eigenvalues decide
+        gram = (Q * np.geomspace(1.0, 1.0 / condition, 16)) @ Q.T
+        found = structured._cholesky(gram)
+        assert (found is not None) == (condition < imp.GRAM_MAX_CONDITION)
+        if found is not None:
+            np.testing.assert_allclose(found[0] @ found[0].T, gram, atol=1e-12)
+            np.testing.assert_allclose(found[1] @ found[0], np.eye(16), atol=1e-6)

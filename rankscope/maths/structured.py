@@ -17,6 +17,8 @@ Both come as 2-D factors (:mod:`rankscope.io.structured` folds Tucker cores and 
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Callable
 
 import numpy as np
@@ -40,56 +42,107 @@ def face_split_factors(B1: np.ndarray, A1: np.ndarray, B2: np.ndarray, A2: np.nd
     return Qt, P
 
 
-# Columns of the face-splitting factors built at a time: blocks of ~96 KB stay in the allocator's heap (a whole
-# out × r² factor is freshly mapped memory on every module, and its page faults cost more than the products).
-_BLOCK_VALUES = 12288
+# Pair products built at a time, per factor: at most 2 MB, in a scratch buffer kept by each thread. Fresh
+# arrays of this size are newly mapped memory on every module, and their page faults cost more than the
+# products (a fresh 1.2 MB pair matrix made the Gram matrix 2.5× slower on the 2-core VM).
+_BLOCK_VALUES = 262144
+_scratch = threading.local()
+
+
+def _scratch_buffers(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two (rows, cols) float64 work arrays, reused by this thread from call to call."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.size < 2 * rows * cols:
+        buffer = _scratch.buffer = np.empty(2 * rows * cols)
+    return buffer[: rows * cols].reshape(rows, cols), buffer[rows * cols: 2 * rows * cols].reshape(rows, cols)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_index(r: int) -> np.ndarray:
+    """The (r, r) map from (i, k) to the index of the unordered pair {i, k} in :func:`_pair_products`' rows."""
+    rows, cols = np.triu_indices(r)
+    index = np.empty((r, r), dtype=np.intp)
+    index[rows, cols] = index[cols, rows] = np.arange(rows.size)
+    index.flags.writeable = False  # cached: every module of an adapter has the same r
+    return index
+
+
+def _pair_products(Xt: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[(i,k), o] = X[o,i]·X[o,k]`` for the pairs ``i ≤ k`` in row order, from ``Xt = Xᵀ`` (r, n)."""
+    row = 0
+    for i in range(Xt.shape[0]):
+        np.multiply(Xt[i:], Xt[i], out=out[row: row + Xt.shape[0] - i])
+        row += Xt.shape[0] - i
+    return out
 
 
 def _face_split_gram(Xt: np.ndarray, Yt: np.ndarray) -> np.ndarray:
     """``Fᵀ F`` of the face-splitting product ``F[o, (i,j)] = X[o,i]·Y[o,j]``, from ``Xt = Xᵀ`` (r1, n) and
-    ``Yt = Yᵀ`` (r2, n), one block of rows at a time (F is never formed whole)."""
-    r2 = Xt.shape[0] * Yt.shape[0]
-    gram = np.zeros((r2, r2))
-    step = max(16, _BLOCK_VALUES // r2)
-    for start in range(0, Xt.shape[1], step):
-        block = (Xt[:, None, start:start + step] * Yt[None, :, start:start + step]).reshape(r2, -1)
-        gram += block @ block.T
-    return gram
+    ``Yt = Yᵀ`` (r2, n); F is never formed. ``(FᵀF)[(i,j), (k,l)] = Σ_o X[o,i]X[o,k] · Y[o,j]Y[o,l]`` depends on
+    (i, k) and (j, l) only as unordered pairs: one product of the pair matrices (r1(r1+1)/2 × r2(r2+1)/2), about
+    a third of the products of ``FᵀF`` itself at r = 8 (36² against 64² a row), then spread out."""
+    r1, r2, n = Xt.shape[0], Yt.shape[0], Xt.shape[1]
+    p1, p2 = r1 * (r1 + 1) // 2, r2 * (r2 + 1) // 2
+    step = min(n, max(64, _BLOCK_VALUES // max(p1, p2)))
+    x_pairs, y_pairs = _scratch_buffers(max(p1, p2), step)
+    pairs = np.zeros((p1, p2))
+    for start in range(0, n, step):
+        width = min(step, n - start)
+        x = _pair_products(Xt[:, start:start + width], x_pairs[:p1, :width])
+        y = _pair_products(Yt[:, start:start + width], y_pairs[:p2, :width])
+        pairs += x @ y.T
+    xi, yi = _pair_index(r1), _pair_index(r2)
+    return pairs[xi[:, None, :, None], yi[None, :, None, :]].reshape(r1 * r2, r1 * r2)
 
 
 def _face_split_times(Xt: np.ndarray, Yt: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """``F W`` (n, k) for the face-splitting product F of :func:`_face_split_gram` and W (r1·r2, k), by blocks."""
-    r2 = Xt.shape[0] * Yt.shape[0]
-    out = np.empty((Xt.shape[1], W.shape[1]))
-    step = max(16, _BLOCK_VALUES // r2)
-    for start in range(0, Xt.shape[1], step):
-        block = (Xt[:, None, start:start + step] * Yt[None, :, start:start + step]).reshape(r2, -1)
-        out[start:start + step] = block.T @ W
+    """``F W`` (n, k) for the face-splitting product F of :func:`_face_split_gram` and W (r1·r2, k), F never formed:
+    ``(F W)[o, c] = Σ_i X[o,i] · (Y W_i)[o, c]`` with ``W_i[j, c] = W[(i,j), c]``, by blocks of rows."""
+    r1, r2, k, n = Xt.shape[0], Yt.shape[0], W.shape[1], Xt.shape[1]
+    W_j = W.reshape(r1, r2, k).transpose(1, 0, 2).reshape(r2, r1 * k)
+    out = np.empty((n, k))
+    step = min(n, max(64, _BLOCK_VALUES // max(1, r1 * k)))
+    scratch = _scratch_buffers(step, r1 * k)[0]
+    for start in range(0, n, step):
+        width = min(step, n - start)
+        inner = np.matmul(Yt[:, start:start + width].T, W_j, out=scratch[:width]).reshape(width, r1, k)  # Y W_i, all i
+        out[start:start + width] = np.matmul(Xt[:, start:start + width].T[:, None, :], inner)[:, 0]
     return out
 
 
-def _root(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(M, R) with ``R = diag(√λ) Vᵀ`` (``RᵀR = gram``) and ``M = V diag(1/√λ)`` (``F M`` orthonormal), or None where
-    the Gram matrix is too ill-conditioned to trust (as :func:`rankscope.maths.importance._r_factor` decides)."""
-    eigenvalues, vectors = np.linalg.eigh(gram)
-    if not (eigenvalues[0] * imp.GRAM_MAX_CONDITION > eigenvalues[-1] > 0):
+def _cholesky(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(L, L⁻¹) with ``L Lᵀ = gram`` (so ``F L⁻ᵀ`` is orthonormal), or None where the Gram matrix is too
+    ill-conditioned to trust (condition number above :data:`rankscope.maths.importance.GRAM_MAX_CONDITION`, as
+    :func:`rankscope.maths.importance._r_factor` decides)."""
+    try:
+        lower = np.linalg.cholesky(gram)
+        inverse = np.linalg.inv(lower)
+    except np.linalg.LinAlgError:  # not positive definite (to working precision)
         return None
-    root = np.sqrt(eigenvalues)
-    return vectors / root, root[:, None] * vectors.T
+    # cond(gram) = ‖gram‖ ‖L⁻¹‖² ≤ trace(gram) · ‖L⁻¹‖_F²: under the limit, the condition is proven without the
+    # eigenvalues; above it (the bound can overstate by up to r⁴), they decide
+    if not np.trace(gram) * np.einsum("ij,ij->", inverse, inverse) < imp.GRAM_MAX_CONDITION:
+        eigenvalues = np.linalg.eigvalsh(gram)
+        if not (eigenvalues[0] * imp.GRAM_MAX_CONDITION > eigenvalues[-1] > 0):
+            return None
+    return lower, inverse
 
 
 def _loha_core(parts: dict[str, np.ndarray]) -> tuple | None:
-    """(sides, core) of a LoHa module through the Gram matrices of its face-splitting factors P and Q:
-    ``ΔW = P Qᵀ = (P M_P) (R_P R_Qᵀ) (Q M_Q)ᵀ``; None where a Gram matrix is ill-conditioned (or r1·r2 > n)."""
+    """(sides, core) of a LoHa module through the Cholesky factors of the Gram matrices of its face-splitting
+    factors P and Q (``PᵀP = L_P L_Pᵀ``): ``ΔW = P Qᵀ = (P L_P⁻ᵀ) (L_Pᵀ L_Q) (Q L_Q⁻ᵀ)ᵀ``, the outer two
+    orthonormal; each side is (Xᵀ, Yᵀ, L⁻¹). None where a Gram matrix is ill-conditioned (or r1·r2 > n)."""
+    # (r, n) rows, contiguous: the pair products read them r times (a strided view made the Gram 15% slower)
     B1t, B2t = np.ascontiguousarray(_f64(parts["B1"]).T), np.ascontiguousarray(_f64(parts["B2"]).T)
     A1, A2 = np.ascontiguousarray(_f64(parts["A1"])), np.ascontiguousarray(_f64(parts["A2"]))
     r2 = B1t.shape[0] * B2t.shape[0]
     if r2 > min(B1t.shape[1], A1.shape[1]):
         return None
-    p, q = _root(_face_split_gram(B1t, B2t)), _root(_face_split_gram(A1, A2))
-    if p is None or q is None:
+    p = _cholesky(_face_split_gram(B1t, B2t))
+    q = None if p is None else _cholesky(_face_split_gram(A1, A2))
+    if q is None:
         return None
-    return ((B1t, B2t, p[0]), (A1, A2, q[0])), p[1] @ q[1].T
+    return ((B1t, B2t, p[1]), (A1, A2, q[1])), p[0].T @ q[0]
 
 
 def _thin_svd(parts: dict[str, np.ndarray], which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,19 +182,21 @@ def truncated_factors(method: str, parts: dict[str, np.ndarray],
     singular values split evenly between B' (out, k) and A' (k, in); σ holds all of them, largest first. ``keep``
     may be a function of σ (the rule that picks k), so that only the k kept directions are ever built.
 
-    LoHa: :func:`rankscope.maths.importance.truncated_factors` of the face-splitting factors. LoKr: the k largest
+    LoHa: the SVD of the r1·r2 core of :func:`_loha_core`, only the k kept columns of P and Q built (where a Gram
+    matrix is ill-conditioned, :func:`rankscope.maths.importance.truncated_factors` of P and Q formed). LoKr: the k largest
     products ``σ_i σ_j`` with ``B'`` columns ``√(σ_i σ_j) kron(u_i, u_j)`` and ``A'`` rows ``√(σ_i σ_j) kron(v_i, v_j)``.
     """
     if method == "loha":
         bound = _loha_bound(parts)
         found = _loha_core(parts)
         if found is not None:
-            ((B1t, B2t, m_p), (A1, A2, m_q)), core = found
+            ((B1t, B2t, inv_p), (A1, A2, inv_q)), core = found
             u, sigma, vt = np.linalg.svd(core)
             k = max(0, min(keep(sigma[:bound]) if callable(keep) else keep, bound))
             root = np.sqrt(sigma[:k])
-            B_new = _face_split_times(B1t, B2t, m_p @ (u[:, :k] * root))
-            A_new = _face_split_times(A1, A2, m_q @ (vt[:k].T * root)).T
+            # only the k kept columns of P L_P⁻ᵀ U √σ and Q L_Q⁻ᵀ V √σ
+            B_new = _face_split_times(B1t, B2t, inv_p.T @ (u[:, :k] * root))
+            A_new = _face_split_times(A1, A2, inv_q.T @ (vt[:k].T * root)).T
             return A_new, B_new, sigma[:bound]
         A, B = face_split_factors(parts["B1"], parts["A1"], parts["B2"], parts["A2"])  # ill-conditioned: QR
         A_new, B_new, sigma = imp.truncated_factors(A, B, keep if not callable(keep) else lambda s: keep(s[:bound]))
