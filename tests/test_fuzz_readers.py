@@ -639,7 +639,8 @@ def trace_case(draw) -> dict:
         elif kind == "per-rank" and record["modules"]:
             module = draw(st.sampled_from(record["modules"]))
             values = module[draw(st.sampled_from(["importance", "spectrum"]))]
-            values[draw(st.integers(0, len(values) - 1))] = draw(near_misses(1.0))
+            if isinstance(values, list) and values:  # an earlier edit may have replaced the list itself
+                values[draw(st.integers(0, len(values) - 1))] = draw(near_misses(1.0))
         elif kind == "step":
             record["step"] = draw(near_misses(record["step"]) | st.integers(-10, 3000))
         elif kind == "torn":
