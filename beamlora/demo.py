@@ -129,6 +129,8 @@ def run_parallel(out: Path, steps: int, held_out: int, jobs: int = 2) -> dict[st
 
 def run(out: Path, steps: int = DEMO.steps, held_out: int = DEMO.held_out, jobs: int = 2) -> int:
     started = time.perf_counter()
+    if os.path.lexists(out) and not out.is_dir():  # before two processes each say so
+        raise BeamLoraError(f"--out {out} is not a folder: expected a folder for the two runs (created if missing)")
     if jobs > 1:
         results = run_parallel(out, steps, held_out, jobs)
     else:

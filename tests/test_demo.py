@@ -30,3 +30,14 @@ def test_demo_runs_both_methods_and_writes_the_reports(tmp_path):
     assert len(list((tmp_path / "beamlora").glob("step-*"))) == 9  # snapshots every 4 of 36 steps
     compare = json.loads((tmp_path / "compare" / "compare.json").read_text())
     assert [run["label"] for run in compare["runs"]] == ["LoRA", "BeamLoRA"] and compare["sweeps"] is not None
+
+
+def test_demo_out_that_is_a_file_is_one_error_line_before_any_run(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    done = subprocess.run([sys.executable, "-m", "beamlora.demo", "--out", taken, "--steps", "4"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"Error: --out {taken} is not a folder: expected a folder for the two runs "
+                                        "(created if missing)"]
+    assert taken.read_text() == "mine"
