@@ -31,10 +31,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from bench_analyze import measure  # one process alone: wall time and its own peak RSS
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache"
@@ -121,18 +121,6 @@ def _replace(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     write(tmp)
     os.replace(tmp, path)
-
-
-def measure(argv: list[str], stdout_path: Path) -> dict:
-    """Run ``argv`` alone; wall seconds from spawn to exit and that child's own peak RSS (bytes)."""
-    with open(stdout_path, "wb") as out:
-        start = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv[:6])} ... failed:\n{stdout_path.read_text(errors='replace')[-2000:]}")
-    return {"wall": wall, "rss": usage.ru_maxrss * 1024}  # ru_maxrss is KiB on Linux
 
 
 def main() -> None:

@@ -49,6 +49,14 @@ def adapter(folder: Path) -> dict[str, np.ndarray]:
     return load_file(str(folder / "final" / "adapter_model.safetensors"))
 
 
+def assert_same_adapter(ours: Path, single: Path) -> None:
+    """The final adapters hold the same tensors, each within RTOL."""
+    tensors, expected = adapter(ours), adapter(single)
+    assert sorted(tensors) == sorted(expected)
+    for key in expected:
+        assert close(tensors[key], expected[key]), key
+
+
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -68,10 +76,7 @@ def test_same_adapter_events_and_trace_as_one_process(runs, mode, variant):
         [(e["step"], e["module"], e["pruned"], e["sources"]) for e in reference]
     for e, r in zip(events, reference):
         assert e["p"] == r["p"] and close(e["importance"], r["importance"])
-    tensors, expected = adapter(ours), adapter(single)
-    assert sorted(tensors) == sorted(expected)
-    for key in expected:
-        assert close(tensors[key], expected[key]), key
+    assert_same_adapter(ours, single)
     trace, expected_trace = lines(ours / "rank_trace.jsonl"), lines(single / "rank_trace.jsonl")
     assert [r["step"] for r in trace] == [r["step"] for r in expected_trace] == list(range(2, 17, 2))
     for record, ref in zip(trace, expected_trace):
@@ -185,10 +190,7 @@ def test_torchrun_fsdp_killed_and_resumed_gives_the_one_process_run(cli_runs):
                                                                         for e in reference]
     for e, r in zip(events, reference):
         assert close(e["importance"], r["importance"])
-    tensors, expected = adapter(ours), adapter(single)
-    assert sorted(tensors) == sorted(expected)
-    for key in expected:
-        assert close(tensors[key], expected[key]), key
+    assert_same_adapter(ours, single)
     trace, expected_trace = lines(ours / "rank_trace.jsonl"), lines(single / "rank_trace.jsonl")
     assert [r["step"] for r in trace] == [r["step"] for r in expected_trace] == list(range(2, 25, 2))
     for record, ref in zip(trace, expected_trace):

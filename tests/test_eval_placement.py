@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from helpers.cli import assert_one_error_line, run_cli
+from helpers.tiny_causal import tiny_causal_folder, tiny_model, tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 
 import rankscope
@@ -21,8 +23,6 @@ from rankscope.io.loading import resolve_adapter
 from rankscope.tasks.arithmetic import generate
 from rankscope.tasks.evaluate import build_evaluation
 from rankscope.tasks.placement import resolve_placement
-from tests.helpers.cli import run_cli
-from tests.helpers.tiny_causal import tiny_causal_folder, tiny_model, tiny_tokenizer
 
 FRACTIONS = (0.0, 0.5, 1.0)
 
@@ -117,13 +117,6 @@ def test_placement_choices_and_refusals():
         resolve_placement("tpu", "fp32")
 
 
-def _one_error_line(result, *expected: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, result.stderr
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-
 
 def _in_process_error(capfd, *args) -> str:
     with pytest.raises(SystemExit) as exit_:
@@ -139,7 +132,7 @@ def test_cli_refuses_bad_placements_before_anything_loads(tmp_path, capfd):
     missing = tmp_path / "no-adapter"
     sweep_args = ("sweep", missing, "--model", "smollm2", "--out", tmp_path / "out")
     if not torch.cuda.is_available():  # a fresh interpreter, as a user runs it
-        _one_error_line(run_cli(*sweep_args, "--device", "cuda", "--precision", "bf16"), "--device cuda", "no CUDA")
+        assert_one_error_line(run_cli(*sweep_args, "--device", "cuda", "--precision", "bf16"), "--device cuda", "no CUDA")
     assert "fp16 on the CPU" in _in_process_error(capfd, *sweep_args, "--device", "cpu", "--precision", "fp16")
     assert "--batch-size 0" in _in_process_error(capfd, *sweep_args, "--batch-size", "0")
     if not torch.backends.mps.is_available():

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cli import run_cli
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import rankscope
 from rankscope.adapters.resize import resize
 from rankscope.errors import RankscopeError
-from tests.helpers.cli import run_cli
 
 
 def _pair(rng: np.random.Generator, r: int, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:

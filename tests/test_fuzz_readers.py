@@ -347,6 +347,20 @@ def test_mutated_safetensors_headers(case):
 # ----------------------------------------------------------------------------- raw bytes
 
 
+GROW_OR_CUT = ("truncate", "append", "insert")
+
+
+def grow_or_cut(draw, data: bytearray, kind: str) -> None:
+    """A file cut short at a random byte, bytes appended, or bytes inserted anywhere (``data`` edited in place)."""
+    if kind == "truncate":
+        del data[draw(st.integers(0, len(data) - 1)):]
+    elif kind == "append":
+        data += draw(st.binary(min_size=1, max_size=64))
+    else:
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = draw(st.binary(min_size=1, max_size=16))
+
+
 @st.composite
 def byte_case(draw) -> dict:
     fixture = draw(st.sampled_from(["peft-gpt2-conv1d", "peft-roberta-series/checkpoint-500", "mlx-gemma-series",
@@ -360,13 +374,8 @@ def byte_case(draw) -> dict:
         note(f"byte edit {kind} on {target}")
         if not data:
             break
-        if kind == "truncate":
-            del data[draw(st.integers(0, len(data) - 1)):]
-        elif kind == "append":
-            data += draw(st.binary(min_size=1, max_size=64))
-        elif kind == "insert":
-            at = draw(st.integers(0, len(data)))
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        if kind in GROW_OR_CUT:
+            grow_or_cut(draw, data, kind)
         else:
             low, high = {"flip-length": (0, 7), "flip-header": (8, max(8, header_end - 1)),
                          "flip-data": (header_end, len(data) - 1)}[kind]
@@ -788,8 +797,7 @@ def gguf_adapter() -> tuple[bytes, tuple[tuple[int, int], ...]]:
     factors, a norm vector), and the byte spans of its header's 8-byte counts, lengths, dims and offsets."""
     import gguf
     import numpy as np
-
-    from tests.helpers.gguf_adapters import llama_modules, write_gguf_lora
+    from helpers.gguf_adapters import llama_modules, write_gguf_lora
 
     modules = llama_modules(blocks=2, r=4, d=32, ff=64)
     with tempfile.TemporaryDirectory(prefix="rankscope-fuzz-") as tmp:
@@ -829,13 +837,8 @@ def gguf_case(draw) -> dict:
         elif kind == "flip" and data:
             at = draw(st.integers(0, len(data) - 1))
             data[at] ^= draw(st.integers(1, 255))
-        elif kind == "truncate" and data:
-            del data[draw(st.integers(0, len(data) - 1)):]
-        elif kind == "append":
-            data += draw(st.binary(min_size=1, max_size=64))
-        elif kind == "insert":
-            at = draw(st.integers(0, len(data)))
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif kind in GROW_OR_CUT and (data or kind != "truncate"):
+            grow_or_cut(draw, data, kind)
     return {"bytes": bytes(data), "resize": draw(st.booleans())}
 
 

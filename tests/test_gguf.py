@@ -14,11 +14,11 @@ import struct
 import gguf
 import numpy as np
 import pytest
+from helpers.cli import run_cli
+from helpers.gguf_adapters import llama_modules, stored, write_gguf_lora
 
 import rankscope
 from rankscope.cli import main as rankscope_main
-from tests.helpers.cli import run_cli
-from tests.helpers.gguf_adapters import llama_modules, stored, write_gguf_lora
 
 ALPHA = 16.0
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -213,7 +213,7 @@ def test_forced_formats_across_gguf_and_safetensors(tmp_path):
     assert rankscope.load(path, format="gguf").format == "gguf"
     with pytest.raises(rankscope.RankscopeError, match="its format is gguf, not peft"):
         rankscope.load(path, format="peft")
-    from tests.helpers.adapters import write_peft
+    from helpers.adapters import write_peft
 
     A, B = llama_modules(1, r=2)["blk.0.attn_q.weight"]
     folder = write_peft(tmp_path / "peft", {"model.layers.0.self_attn.q_proj": (A.astype(np.float32), B.astype(np.float32))},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.adapters import adapter_arrays, write_adapter
-from helpers.cli import REPO, run_cli
+from helpers.cli import REPO, assert_one_error_line, run_cli
 from helpers.fake_hub import FakeHub
 from helpers.hub_cache import add_commit, folder_files
 
@@ -22,15 +22,6 @@ from rankscope.io.hub import HubSpec, adapter_files, model_files, parse_spec
 ADAPTER = "alice/lora-demo"
 BASE = "bob/base-model"
 BASE_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-
-
-def _one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, result.stderr
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +141,11 @@ def test_a_local_path_wins_over_an_id_of_the_same_spelling(hub, api, tmp_path):
 def test_bad_ids_are_one_error_line_and_write_nothing(hub, tmp_path):
     env = hub["env"]
     out = tmp_path / "out"
-    line = _one_error_line(run_cli("resize", "carol/not-cached", "--rank", "2", "--out", out, env=env),
+    line = assert_one_error_line(run_cli("resize", "carol/not-cached", "--rank", "2", "--out", out, env=env),
                            "carol/not-cached", "not in the Hugging Face cache", str(hub["cache"]), "HF_HUB_OFFLINE=1",
                            "run once online, or pass a local folder")
     assert "does not exist here" in line and not out.exists()
-    _one_error_line(run_cli("analyze", BASE, "--out", out, env=env), "bob/base-model holds no LoRA adapter at its root",
+    assert_one_error_line(run_cli("analyze", BASE, "--out", out, env=env), "bob/base-model holds no LoRA adapter at its root",
                     "config.json, model.safetensors")
     assert not out.exists()
     # a survey goes on past an id it cannot fetch, as past any unreadable adapter

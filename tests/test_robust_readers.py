@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.cli import REPO, run_cli
+from helpers.cli import REPO, assert_one_error_line, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
@@ -62,15 +62,6 @@ def error_of(call) -> str:
     message = str(caught.value)
     assert message and "\n" not in message, message
     return message
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, result.stderr
-    for text in expected:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- 1. JSON numbers beyond float range

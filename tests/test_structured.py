@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers.cli import run_cli
 from safetensors.numpy import load_file, save_file
 
 from rankscope import analyze
 from rankscope.adapters.resize import resize
 from rankscope.errors import RankscopeError
-from tests.helpers.cli import run_cli
 
 
 class Tiny(nn.Module):

@@ -22,3 +22,13 @@ def run_beamlora(*args: str, cwd: Path | None = None) -> subprocess.CompletedPro
     """``beamlora ARGS`` in a new interpreter, as :func:`run_cli` runs rankscope."""
     return subprocess.run([sys.executable, "-m", "beamlora.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *expected: str) -> str:
+    """Exit status 2 and exactly one ``Error:`` line on stderr, no traceback, holding each of ``expected``."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, result.stderr
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
